@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv with dpfl and its pinned dependencies, and make Fashion-MNIST available.
+# Idempotent: a second run with unchanged pins does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.dpfl-installed
+want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing torch 2.13.0 and pinned dependencies into .venv ..."
+  pip install -q --disable-pip-version-check torch==2.13.0
+  pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+fm="${DPFL_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+if [ ! -f "$fm/train-images-idx3-ubyte.gz" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's dataset-fashion-mnist ..."
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "[setup] Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set DPFL_FASHION_MNIST" >&2
+  fi
+fi

@@ -1,0 +1,107 @@
+"""``dpfl-server``: what the coordinator runs (public pretraining, base model tools)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from dpfl.shared.errors import DpflError
+
+CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+@click.group(context_settings=CTX)
+@click.option("-v", "--verbose", is_flag=True, help="Log at DEBUG level.")
+def main(verbose: bool) -> None:
+    """dpfl coordinator: hosts the public base model and aggregates DP adapters."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command(context_settings=CTX)
+@click.option("--data", default="fmnist:public",
+              help="PUBLIC data only: fmnist:public, an image folder, .npz or IDX file.")
+@click.option("--preset", type=click.Choice(["tiny", "fmnist"]), default="fmnist")
+@click.option("--run-dir", type=click.Path(file_okay=False), default="runs/pretrain")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Base model directory to write [default: RUN_DIR/model].")
+@click.option("--ae-steps", type=click.IntRange(min=0), default=3000)
+@click.option("--unet-steps", type=click.IntRange(min=0), default=20000)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option("--ae-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
+@click.option("--unet-lr", type=click.FloatRange(min=0, min_open=True), default=5e-4)
+@click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4)
+@click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1)
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999)
+@click.option("--seed", type=int, default=0)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500)
+@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="torch CPU threads (0: torch's default).")
+def pretrain(data: str, run_dir: str, out: str | None, threads: int, **kw) -> None:
+    """Train the base LDM (autoencoder, then UNet) on public data. Resumable."""
+    import torch
+
+    from dpfl.shared.pretrain import PretrainConfig, pretrain as run_pretrain
+    from dpfl.shared.sources import load_source
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = PretrainConfig(**kw)
+        if data.startswith("fmnist:") and data.split("@")[0] != "fmnist:public":
+            raise DpflError(f"--data {data}: pretraining may only use public data (fmnist:public)")
+        ds = load_source(data)
+        click.echo(f"pretraining on {len(ds)} images from {ds.source}")
+        ldm = run_pretrain(cfg, ds, run_dir, out, data_description=data)
+    except DpflError as exc:
+        _fail(exc)
+    click.echo(f"base model: {out or Path(run_dir) / 'model'}  fingerprint {ldm.card['fingerprint']}")
+    click.echo(f"sample grid: {Path(run_dir) / 'samples.png'}")
+
+
+@main.command(context_settings=CTX)
+@click.argument("model_dir", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.png")
+@click.option("--per-class", type=click.IntRange(1, 64), default=8)
+@click.option("--steps", type=click.IntRange(1, 1000), default=50)
+@click.option("--guidance", type=click.FloatRange(min=0), default=1.0)
+@click.option("--seed", type=int, default=0)
+def sample(model_dir: str, out: str, per_class: int, steps: int, guidance: float, seed: int) -> None:
+    """Sample a class grid PNG from a base model directory."""
+    from dpfl.shared.models import load_ldm
+    from dpfl.shared.sampling import class_grid
+
+    try:
+        ldm = load_ldm(model_dir)
+    except DpflError as exc:
+        _fail(exc)
+    class_grid(ldm, out, per_class=per_class, steps=steps, guidance=guidance, seed=seed,
+               title=f"{Path(model_dir).name} ({steps} DDIM steps, guidance {guidance})")
+    click.echo(f"wrote {out}")
+
+
+@main.command(context_settings=CTX)
+@click.argument("model_dir", type=click.Path())
+def info(model_dir: str) -> None:
+    """Print a model directory's card and fingerprint (recomputed from the weights)."""
+    from dpfl.shared.models import load_ldm
+
+    try:
+        ldm = load_ldm(model_dir)
+    except DpflError as exc:
+        _fail(exc)
+    click.echo(json.dumps({"spec": dataclasses.asdict(ldm.spec), "card": ldm.card,
+                           "fingerprint": ldm.fingerprint()}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpfl.shared.data import ImageSet
+from dpfl.shared.errors import ConfigError, StateError
+from dpfl.shared.models import load_ldm
+from dpfl.shared.pretrain import PretrainConfig, pretrain
+
+
+def _toy_data(n=256):
+    """Two easy classes: bright squares top-left vs bottom-right on black."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((n, 28, 28, 1), np.float32)
+    y = rng.integers(0, 2, n)
+    for i, c in enumerate(y):
+        o = 4 if c == 0 else 14
+        x[i, o:o + 10, o:o + 10] = 0.8 + 0.2 * rng.random()
+    names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+             "Sneaker", "Bag", "Ankle boot")
+    return ImageSet(x, y.astype(np.int64), names, "toy")
+
+
+def test_tiny_pretraining_lowers_loss_and_writes_run_dir(tmp_path):
+    cfg = PretrainConfig(preset="tiny", ae_steps=60, unet_steps=120, batch_size=32, log_every=10,
+                         checkpoint_every=50, ema_decay=0.0, device="cpu")
+    ldm = pretrain(cfg, _toy_data(), tmp_path / "run")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ae = [m["rec_l1"] for m in metrics if m.get("stage") == "ae"]
+    un = [m["loss"] for m in metrics if m.get("stage") == "unet"]
+    assert ae[-1] < ae[0] * 0.8
+    assert np.mean(un[-3:]) < np.mean(un[:2])
+    assert (tmp_path / "run" / "samples.png").stat().st_size > 0
+    cfgjson = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfgjson["config"]["preset"] == "tiny" and "torch" in cfgjson["versions"]
+    loaded = load_ldm(tmp_path / "run" / "model")
+    assert loaded.fingerprint() == ldm.fingerprint()
+    assert loaded.vae.config.latents_std is not None  # per-channel latent normalisation
+    z = loaded.encode(torch.rand(64, 1, 32, 32) * 2 - 1)
+    assert z.shape[1] == 4
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    cfg = PretrainConfig(preset="tiny", ae_steps=20, unet_steps=40, batch_size=16, log_every=5,
+                         checkpoint_every=10, ema_decay=0.0, device="cpu")
+    run = tmp_path / "run"
+    # a checkpoint from an interrupted run at UNet step 20
+    import dpfl.shared.pretrain as pt
+
+    calls = {"n": 0}
+    orig = pt._Checkpoint.save
+
+    def save_then_die(self, state):
+        orig(self, state)
+        if state["stage"] == "unet" and state["step"] == 20:
+            raise KeyboardInterrupt
+
+    pt._Checkpoint.save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(cfg, _toy_data(64), run)
+    finally:
+        pt._Checkpoint.save = orig
+    assert (run / "checkpoint.pt").exists()
+    pretrain(cfg, _toy_data(64), run)
+    steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if m.get("stage") == "unet"]
+    # steps 5..20 from the first attempt, then 25..40 after resuming (not from 5 again)
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert not (run / "checkpoint.pt").exists()
+    with pytest.raises(StateError):
+        # a checkpoint from other settings is never silently mixed in
+        (run / "checkpoint.pt").write_bytes(b"garbage")
+        pretrain(cfg, _toy_data(64), run)
+
+
+def test_config_ranges():
+    with pytest.raises(ConfigError, match="preset"):
+        PretrainConfig(preset="big")
+    with pytest.raises(ConfigError, match="batch_size"):
+        PretrainConfig(batch_size=0)
