@@ -103,5 +103,52 @@ def info(model_dir: str) -> None:
                            "fingerprint": ldm.fingerprint()}, indent=2, default=str))
 
 
+@main.command(context_settings=CTX)
+@click.argument("model_dir", type=click.Path())
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="peft adapter directory to merge (from 'dpfl-client train'); none: base only.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Bundle directory to write (must not exist unless --overwrite).")
+@click.option("--privacy", type=click.Path(dir_okay=False), default=None,
+              help="JSON with the adapter's epsilon/delta/accountant (e.g. the accountant state).")
+@click.option("--epsilon", type=click.FloatRange(min=0), default=None,
+              help="Stated epsilon, when there is no --privacy file.")
+@click.option("--delta", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Stated delta, with --epsilon.")
+@click.option("--fp16", is_flag=True, help="Also write a float16 variant.")
+@click.option("--int8", is_flag=True, help="Also write an int8 (dynamic quantization) variant.")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              help="Max |ONNX - torch| allowed for the fp32 UNet and decoder outputs.")
+@click.option("--image-tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-2,
+              help="Max |ONNX - torch| allowed for images sampled end to end (fp32).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+def export(model_dir: str, adapter: str | None, out: str, privacy: str | None,
+           epsilon: float | None, delta: float | None, fp16: bool, int8: bool, tolerance: float,
+           image_tolerance: float, overwrite: bool) -> None:
+    """Merge an adapter into the base model and write an ONNX bundle for dpfl-sample."""
+    from dpfl.shared.export import ExportConfig, PrivacyGuarantee, export_bundle
+    from dpfl.shared.models import load_ldm
+
+    try:
+        if privacy and (epsilon is not None or delta is not None):
+            raise DpflError("give either --privacy FILE or --epsilon/--delta, not both")
+        guarantee = (PrivacyGuarantee.from_file(privacy) if privacy
+                     else PrivacyGuarantee.from_values(epsilon, delta))
+        cfg = ExportConfig(tolerance=tolerance, image_tolerance=image_tolerance, fp16=fp16,
+                           int8=int8)
+        path = export_bundle(load_ldm(model_dir), out, adapter_dir=adapter, privacy=guarantee,
+                             config=cfg, overwrite=overwrite)
+    except DpflError as exc:
+        _fail(exc)
+    meta = json.loads((Path(path) / "bundle.json").read_text())
+    for name, v in meta["variants"].items():
+        click.echo(f"{name}: unet max|diff| {v['parity']['unet']['max_abs_diff']:.2e}, decoder "
+                   f"{v['parity']['decoder']['max_abs_diff']:.2e}, images "
+                   f"{v['image_parity']['max_abs_diff']:.2e}")
+    click.echo(f"privacy: {meta['privacy']['status']} (eps={meta['privacy']['epsilon']}, "
+               f"delta={meta['privacy']['delta']})")
+    click.echo(f"wrote bundle {path}; sample it with: dpfl-sample {path} --out samples")
+
+
 if __name__ == "__main__":
     main()
