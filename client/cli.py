@@ -76,5 +76,72 @@ def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, o
         click.echo(f"{path}: {len(idx)} images, per class {counts}")
 
 
+@main.command(context_settings=CTX)
+@click.option("--data", required=True, help="Private silo: image folder, .npz, IDX file or fmnist:private.")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Base model directory.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default="runs/train")
+@click.option("--limit", type=click.IntRange(min=0), default=0,
+              help="Use a seeded random subset of this many examples (0: all).")
+@click.option("--preset", type=click.Choice(["attention", "attention+proj", "attention+conv"]),
+              default="attention", help="Layers that get LoRA adapters.")
+@click.option("--rank", type=click.IntRange(min=1), default=4)
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=8.0)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0)
+@click.option("--blocks", default="", help="Comma-separated module prefixes, e.g. up_blocks,mid_block (empty: all).")
+@click.option("--class-embedding/--no-class-embedding", default=True,
+              help="Train the class embedding too.")
+@click.option("--epsilon", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              help="Target epsilon for sigma calibration (and default budget).")
+@click.option("--sigma", type=click.FloatRange(min=0), default=None,
+              help="Noise multiplier; overrides calibration from --epsilon.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5)
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Epsilon budget of the ledger [default: --epsilon].")
+@click.option("--accountant", type=click.Choice(["rdp", "prv"]), default="rdp")
+@click.option("--accountant-file", type=click.Path(dir_okay=False), default=None,
+              help="Privacy ledger [default: RUN_DIR/accountant.json].")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0, help="Clipping norm C.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Expected logical batch.")
+@click.option("--physical-batch", type=click.IntRange(min=1), default=64)
+@click.option("-k", "--noise-multiplicity", type=click.IntRange(min=1), default=4)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
+@click.option("--epochs", type=click.IntRange(min=1), default=1)
+@click.option("--planned-steps", type=click.IntRange(min=1), default=None,
+              help="Steps of the whole planned run for calibration [default: this run's].")
+@click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1)
+@click.option("--secure-mode/--no-secure-mode", default=False, help="Secure noise (torchcsprng).")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
+@click.option("--sample-steps", type=click.IntRange(1, 1000), default=50)
+@click.option("--per-class", type=click.IntRange(1, 64), default=8)
+@click.option("--guidance", type=click.FloatRange(min=0), default=1.0)
+@click.option("--progress/--no-progress", default=True)
+def train(data, model_dir, run_dir, limit, preset, rank, alpha, dropout, blocks, class_embedding,
+          epsilon, sigma, delta, budget, accountant, accountant_file, clip, batch_size,
+          physical_batch, noise_multiplicity, lr, epochs, planned_steps, cond_drop, secure_mode,
+          seed, device, sample_steps, per_class, guidance, progress) -> None:
+    """DP-LoRA fine-tuning on one local silo (central mode): writes RUN_DIR with the adapter."""
+    from dpfl.client.train import TrainJob, run_train
+    from dpfl.shared.dp import DPConfig
+    from dpfl.shared.lora import LoraSpec
+
+    try:
+        lora = LoraSpec(preset=preset, rank=rank, alpha=alpha, dropout=dropout,
+                        train_class_embedding=class_embedding,
+                        blocks=tuple(b for b in blocks.split(",") if b) or None)
+        dp = DPConfig(clip=clip, noise_multiplier=sigma, target_epsilon=epsilon, delta=delta,
+                      accountant=accountant, batch_size=batch_size,
+                      max_physical_batch=physical_batch, noise_multiplicity=noise_multiplicity,
+                      lr=lr, epochs=epochs, planned_steps=planned_steps, cond_drop=cond_drop,
+                      secure_mode=secure_mode, seed=seed, device=device)
+        job = TrainJob(data=data, model=model_dir, run_dir=run_dir, limit=limit, budget=budget,
+                       accountant_file=accountant_file, sample_steps=sample_steps,
+                       per_class=per_class, guidance=guidance)
+        summary = run_train(job, lora, dp, progress=progress)
+    except DpflError as exc:
+        _fail(exc)
+    click.echo(json.dumps(summary, indent=2))
+
+
 if __name__ == "__main__":
     main()
