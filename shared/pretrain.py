@@ -204,6 +204,18 @@ def _train_unet(ldm: LatentDiffusion, z: torch.Tensor, y: torch.Tensor, cfg: Pre
     return ema
 
 
+# Settings that may change when resuming: bookkeeping, and UNet settings while the
+# checkpoint is still in the autoencoder stage (nothing derived from them exists yet).
+_FREE_ALWAYS = {"checkpoint_every", "log_every", "device"}
+_FREE_IN_AE = {"unet_steps", "unet_lr", "cond_drop", "ema_decay"}
+
+
+def _resumable(state: dict[str, Any], cfg: PretrainConfig) -> bool:
+    free = _FREE_ALWAYS | (_FREE_IN_AE if state.get("stage") == "ae" else set())
+    old, new = state.get("config", {}), dataclasses.asdict(cfg)
+    return all(old.get(k) == v for k, v in new.items() if k not in free)
+
+
 def pretrain(cfg: PretrainConfig, data: ImageSet, run_dir: str | Path,
              out_dir: str | Path | None = None, data_description: str = "") -> LatentDiffusion:
     """Train a base LDM on public ``data``; returns it and writes ``out_dir`` (default
@@ -213,7 +225,7 @@ def pretrain(cfg: PretrainConfig, data: ImageSet, run_dir: str | Path,
     dev = resolve_device(cfg.device)
     ckpt = _Checkpoint(rd / "checkpoint.pt")
     state = ckpt.load() or {}
-    if state and state.get("config") != dataclasses.asdict(cfg):
+    if state and not _resumable(state, cfg):
         raise StateError(f"{ckpt.path} was written with a different configuration; use the "
                          "same options to resume, or a new run directory")
     ldm = build_ldm(cfg.preset, seed=cfg.seed, class_names=data.class_names)

@@ -1,0 +1,53 @@
+"""Flower ClientApp of a site: translates messages to :class:`dpfl.client.site.Site` calls.
+
+In a real deployment the site's settings come from the SuperNode's node config
+(``--node-config "site-id=... data=... state-dir=... epsilon-budget=..."``). In simulation,
+:func:`make_client_app` is given one :class:`SiteConfig` per partition id.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from dpfl.shared.fedconfig import RoundPlan, SiteConfig
+
+from .site import Site
+
+_CACHE_SIZE = 4  # sites kept warm per process: memory is bounded by concurrency, not by N
+
+
+def make_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
+    app = ClientApp()
+    cache: OrderedDict[str, Site] = OrderedDict()
+
+    def site_for(context: Context) -> Site:
+        if sites is not None:
+            cfg = sites[int(context.node_config["partition-id"])]
+        else:
+            cfg = SiteConfig.from_node_config(context.node_config)
+        site = cache.pop(cfg.site_id, None) or Site(cfg)
+        cache[cfg.site_id] = site
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+        return site
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = site_for(context)
+        plan = RoundPlan.from_record(dict(msg.content["config"]))
+        adapter = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        update, metrics = site.train_round(plan, adapter)
+        content = RecordDict({"metrics": MetricRecord(metrics),
+                              "site": ConfigRecord({"site-id": site.cfg.site_id})})
+        if update is not None:
+            content["arrays"] = ArrayRecord({k: Array(v) for k, v in update.items()})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

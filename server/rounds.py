@@ -1,0 +1,173 @@
+"""The coordinator's round loop: propose, collect, record privacy spend, aggregate, release.
+
+Order within a round is what makes the privacy record trustworthy:
+
+1. sample eligible sites (exhausted sites are never sampled again);
+2. send the global adapter and the round plan; wait up to ``round_timeout``;
+3. validate every reply (keys, shapes, finiteness, norm bound) and log rejections;
+4. write the privacy ledger durably (every site that reported spend, accepted or not);
+5. only then aggregate, checkpoint and release the new global adapter.
+
+A restarted coordinator resumes after the last checkpointed round; the ledger, which may be
+one round ahead of the checkpoint, is never rewound.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from dpfl.shared.errors import StateError
+from dpfl.shared.fedconfig import FedConfig, RoundPlan
+from dpfl.shared.io import atomic_write_bytes, atomic_write_json
+from dpfl.shared.lora import LoraSpec, adapter_state, load_adapter_state, save_adapter, wrap_unet
+from dpfl.shared.models import LatentDiffusion, load_ldm
+from dpfl.shared.rundir import RunDir
+from dpfl.shared.sampling import class_grid
+
+from .ledger import PrivacyLedger, SiteReport
+from .strategy import ARRAYS, METRICS, AdapterFedAvg, reply_site
+
+log = logging.getLogger(__name__)
+
+
+def lora_spec(plan: RoundPlan) -> LoraSpec:
+    return LoraSpec(preset=plan.lora_preset, rank=plan.lora_rank, alpha=plan.lora_alpha,
+                    dropout=plan.lora_dropout, train_class_embedding=plan.train_class_embedding)
+
+
+def travelling_keys(adapter: dict[str, np.ndarray], ffa: bool) -> list[str]:
+    """Keys sites send back: everything, or with FFA-LoRA everything but the frozen A."""
+    return sorted(k for k in adapter if not (ffa and "lora_A" in k))
+
+
+class GlobalCheckpoint:
+    """The last released global adapter and its round, written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.weights, self.meta = folder / "adapter.safetensors", folder / "checkpoint.json"
+
+    def load(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        if not self.meta.exists():
+            return None
+        import json
+
+        try:
+            meta = json.loads(self.meta.read_text())
+            weights = load_safetensors(self.weights.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise StateError(f"global checkpoint in {self.folder} is unreadable: {exc}") from exc
+        return int(meta["round"]), weights
+
+    def save(self, server_round: int, adapter: dict[str, np.ndarray], fingerprint: str) -> None:
+        atomic_write_bytes(self.weights, save_safetensors(adapter))
+        atomic_write_json(self.meta, {"round": server_round, "base_fingerprint": fingerprint})
+
+
+@dataclass
+class Federation:
+    """State of one coordinator process."""
+
+    cfg: FedConfig
+    base: LatentDiffusion
+    plan: RoundPlan
+    run: RunDir
+    ledger: PrivacyLedger
+    checkpoint: GlobalCheckpoint
+    model: torch.nn.Module  # peft-wrapped UNet, for sample grids and the final adapter
+
+    @classmethod
+    def open(cls, cfg: FedConfig) -> "Federation":
+        base = load_ldm(cfg.base_model)
+        plan = cfg.plan(base.fingerprint())
+        run = RunDir(cfg.run_dir)
+        torch.manual_seed(plan.seed)  # the shared adapter initialisation (A for FFA-LoRA)
+        model = wrap_unet(base.unet, lora_spec(plan))
+        return cls(cfg, base, plan, run, PrivacyLedger.load_or_create(run / "ledger.json"),
+                   GlobalCheckpoint(run / "global"), model)
+
+    def initial_adapter(self) -> tuple[int, dict[str, np.ndarray]]:
+        saved = self.checkpoint.load()
+        if saved is not None:
+            log.info("resuming after round %d from %s", saved[0], self.checkpoint.folder)
+            return saved
+        return 0, {k: v.numpy() for k, v in adapter_state(self.model).items()}
+
+    def report(self, msg: Message) -> SiteReport | None:
+        if msg.has_error():
+            return None
+        m = msg.content.metric_records.get(METRICS)
+        if m is None or "epsilon" not in m:
+            return None
+        return SiteReport(site=reply_site(msg), epsilon=float(m["epsilon"]),
+                          delta=float(m["delta"]), budget=float(m["budget"]),
+                          sigma=float(m["sigma"]), sample_rate=float(m["sample-rate"]),
+                          steps=int(m["steps"]), examples=int(m["num-examples"]),
+                          exhausted=bool(m["exhausted"]), trained=bool(m["trained"]))
+
+    def sample_grid(self, adapter: dict[str, np.ndarray], name: str, title: str) -> Path:
+        load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in adapter.items()})
+        ldm = LatentDiffusion(self.base.vae, self.model, self.base.scheduler, self.base.spec)
+        return class_grid(ldm, self.run / name, per_class=6, steps=self.cfg.sample_steps,
+                          seed=self.plan.seed, title=title)
+
+
+def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
+    """Run (or resume) the federated rounds; returns the final ledger."""
+    fed = Federation.open(cfg)
+    fed.run.write_config(cfg, base_fingerprint=fed.plan.base_fingerprint)
+    done, adapter = fed.initial_adapter()
+    node_site: dict[int, str] = {}
+    strategy = AdapterFedAvg(
+        excluded=lambda n: fed.ledger.exhausted(node_site.get(n, "")),
+        sample_seed=cfg.seed + done, max_update_norm=cfg.update_bound,
+        fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
+        min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes)
+    if done == 0:
+        fed.sample_grid(adapter, "samples_round_000.png", "base model (round 0)")
+    for rnd in range(done + 1, cfg.num_rounds + 1):
+        msgs = list(strategy.configure_train(
+            rnd, ArrayRecord({k: Array(v) for k, v in adapter.items()}),
+            ConfigRecord(fed.plan.to_record()), grid))
+        if not msgs:
+            log.warning("round %d: no site can train (all exhausted or none connected); "
+                        "stopping", rnd)
+            break
+        replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+        for msg in replies:
+            node_site[msg.metadata.src_node_id] = reply_site(msg)
+        keys = travelling_keys(adapter, cfg.ffa)
+        ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys})
+        missing = len(msgs) - len(replies)
+        if missing:
+            rejected[f"<{missing} unanswered>"] = f"no reply within {cfg.round_timeout}s"
+        reports = [r for r in map(fed.report, replies) if r is not None]
+        entry = fed.ledger.record_round(rnd, reports, rejected)  # durable before release
+        agg, metrics = strategy.aggregate_valid(rnd, ok)
+        if agg is not None:
+            adapter = {**adapter, **{k: v.numpy() for k, v in agg.items()}}
+        fed.checkpoint.save(rnd, adapter, fed.plan.base_fingerprint)
+        fed.run.log(round=rnd, accepted=len(ok), rejected=rejected,
+                    epsilon={s: v["epsilon"] for s, v in entry["sites"].items()},
+                    global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"])
+        if cfg.sample_every and rnd % cfg.sample_every == 0:
+            fed.sample_grid(adapter, f"samples_round_{rnd:03d}.png",
+                            f"global model after round {rnd}, eps={entry['global_epsilon']:.2f}")
+    load_adapter_state(fed.model, {k: torch.from_numpy(v.copy()) for k, v in adapter.items()})
+    save_adapter(fed.model, fed.run / "adapter")
+    atomic_write_json(fed.run / "adapter" / "privacy.json", {
+        "global_epsilon": fed.ledger.global_guarantee()[0],
+        "global_delta": fed.ledger.global_guarantee()[1],
+        "sites": fed.ledger.sites, "rounds": fed.ledger.last_round,
+        "base_fingerprint": fed.plan.base_fingerprint})
+    log.info("privacy ledger:\n%s", fed.ledger.table())
+    return fed.ledger

@@ -1,0 +1,133 @@
+"""Flower strategy for DP adapter updates: Flower's FedAvg, with budget-aware sampling and
+validation of every update before it can reach the average.
+
+Aggregation is Flower's example-weighted FedAvg (``weighted_by_key="num-examples"``). With
+FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024)
+clients send only the ``lora_B`` tensors (and a trainable class embedding): A stays frozen
+at the shared seeded initialisation, so averaging B is exact.
+
+An update is rejected (and logged, with the reason) when its keys or shapes differ from
+the expected adapter, when it holds a non-finite value, or when its distance from the
+current global adapter exceeds ``max_update_norm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+log = logging.getLogger(__name__)
+
+ARRAYS, METRICS, SITE, CONFIG = "arrays", "metrics", "site", "config"
+
+
+def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                 max_update_norm: float = math.inf) -> str | None:
+    """Why ``update`` must be rejected, or None when it is acceptable."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"unexpected keys (missing {missing[:3]}, extra {extra[:3]})"
+    sq = 0.0
+    for key, ref in reference.items():
+        arr = update[key]
+        if arr.shape != ref.shape:
+            return f"tensor {key} has shape {arr.shape}, expected {ref.shape}"
+        if not np.issubdtype(arr.dtype, np.floating):
+            return f"tensor {key} has dtype {arr.dtype}, expected floating point"
+        if not np.isfinite(arr).all():
+            return f"tensor {key} holds non-finite values (NaN or inf)"
+        sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    if math.sqrt(sq) > max_update_norm:
+        return f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:.3g}"
+    return None
+
+
+def reply_site(msg: Message) -> str:
+    site = msg.content.config_records.get(SITE)
+    return str(site["site-id"]) if site and "site-id" in site else f"node-{msg.metadata.src_node_id}"
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg over adapter tensors; never samples excluded (exhausted) nodes."""
+
+    def __init__(self, *, excluded: Callable[[int], bool], sample_seed: int = 0,
+                 max_update_norm: float = math.inf, wait_for_nodes_s: float = 120.0,
+                 **kwargs):
+        super().__init__(weighted_by_key="num-examples", arrayrecord_key=ARRAYS,
+                         configrecord_key=CONFIG, **kwargs)
+        self.excluded = excluded
+        self.rng = random.Random(sample_seed)
+        self.max_update_norm = max_update_norm
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.rejected: dict[str, str] = {}
+
+    def eligible_nodes(self, grid: Grid) -> list[int]:
+        return sorted(n for n in grid.get_node_ids() if not self.excluded(n))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        deadline = time.monotonic() + self.wait_for_nodes_s
+        while len(list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                log.warning("round %d: only %d node(s) connected, %d required; training "
+                            "with those", server_round, len(list(grid.get_node_ids())),
+                            self.min_available_nodes)
+                break
+            time.sleep(1)
+        eligible = self.eligible_nodes(grid)
+        if not eligible:
+            return []
+        size = max(int(len(eligible) * self.fraction_train), self.min_train_nodes)
+        nodes = sorted(self.rng.sample(eligible, min(size, len(eligible))))
+        log.info("round %d: sampled %d of %d eligible node(s)", server_round, len(nodes),
+                 len(eligible))
+        config["server-round"] = server_round
+
+        record = RecordDict({ARRAYS: arrays, CONFIG: config})
+        return self._construct_messages(record, nodes, "train")
+
+    def split_replies(self, server_round: int, replies: Iterable[Message],
+                      reference: dict[str, np.ndarray]) -> tuple[list[Message], dict[str, str]]:
+        """Replies that may be averaged, and {site: reason} for every one that may not."""
+        ok, rejected = [], {}
+        for msg in replies:
+            site = reply_site(msg)
+            if msg.has_error():
+                rejected[site] = f"client error: {msg.error.reason}"
+                continue
+            content = msg.content
+            metrics = content.metric_records.get(METRICS)
+            if metrics is None or not metrics.get("trained", 0):
+                rejected[site] = "did not train (budget exhausted or refused)"
+                continue
+            arrays = content.array_records.get(ARRAYS)
+            if arrays is None or len(content.array_records) != 1:
+                rejected[site] = "reply must carry exactly one ArrayRecord 'arrays'"
+                continue
+            update = {k: v.numpy() for k, v in arrays.items()}
+            reason = check_update(update, reference, self.max_update_norm)
+            if reason is None and not metrics.get("num-examples", 0) > 0:
+                reason = f"num-examples must be > 0, got {metrics.get('num-examples')}"
+            if reason:
+                rejected[site] = reason
+                continue
+            ok.append(msg)
+        for site, reason in rejected.items():
+            log.warning("round %d: update from %s rejected: %s", server_round, site, reason)
+        return ok, rejected
+
+    def aggregate_valid(self, server_round: int, valid: list[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAvg over already-validated replies."""
+        if not valid:
+            return None, None
+        return super().aggregate_train(server_round, valid)
