@@ -47,7 +47,7 @@ from .models import LatentDiffusion, crop_center, fingerprint_modules
 log = logging.getLogger(__name__)
 
 __all__ = ["ExportConfig", "PrivacyGuarantee", "adapter_fingerprint", "export_bundle",
-           "measure_parity", "merge_adapter"]
+           "measure_parity", "merge_adapter", "torch_references"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -166,8 +166,16 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list
     with warnings.catch_warnings():
         # Tracing warns about Python branches on shapes; the parity checks cover them.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # dynamo=True needs onnxscript, which dpfl does not depend on; the TorchScript
+        # exporter is deliberate here, and parity below checks its output.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                           input_names=names[:-1], output_names=names[-1:], dynamic_axes=axes)
+    _check_graph(path)
+
+
+def _check_graph(path: Path) -> None:
     import onnx
 
     try:
@@ -196,55 +204,90 @@ def _random_inputs(ldm: LatentDiffusion, batch: int, gen: torch.Generator
     }
 
 
-def measure_parity(paths: dict[str, Path], references: dict[str, Callable[..., torch.Tensor]],
-                   ldm: LatentDiffusion, batch_sizes: tuple[int, ...], seed: int
-                   ) -> dict[str, dict[str, float]]:
-    """Max/mean abs difference of each ONNX graph vs its torch reference, over batch sizes."""
+Case = tuple[str, dict[str, np.ndarray], np.ndarray]  # (graph, ONNX feed, torch output)
+
+
+def torch_references(references: dict[str, Callable[..., torch.Tensor]], ldm: LatentDiffusion,
+                     batch_sizes: tuple[int, ...], seed: int) -> list[Case]:
+    """Random inputs at each batch size and the torch outputs for them (computed once)."""
     gen = torch.Generator().manual_seed(seed)
-    result: dict[str, dict[str, float]] = {}
-    sessions = {k: _session(p) for k, p in paths.items()}
+    cases = []
     for b in batch_sizes:
         inputs = _random_inputs(ldm, b, gen)
-        for key, sess in sessions.items():
-            feed = inputs[key]
+        for key, ref in references.items():
             with torch.no_grad():
-                ref = references[key](*feed.values()).float().numpy()
-            got = sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
-            if got.shape != ref.shape:
-                raise ModelError(f"{paths[key].name} at batch {b} returned shape {got.shape}, "
-                                 f"torch gives {ref.shape}; the export is broken")
-            diff = np.abs(got.astype(np.float64) - ref)
-            entry = result.setdefault(key, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0})
-            entry["max_abs_diff"] = max(entry["max_abs_diff"], float(diff.max()))
-            entry["mean_abs_diff"] = max(entry["mean_abs_diff"], float(diff.mean()))
+                out = ref(*inputs[key].values()).float().numpy()
+            cases.append((key, {k: v.numpy() for k, v in inputs[key].items()}, out))
+    return cases
+
+
+def measure_parity(paths: dict[str, Path], cases: list[Case]) -> dict[str, dict[str, float]]:
+    """Max/mean abs difference of each ONNX graph vs its torch outputs, over all cases."""
+    sessions = {k: _session(p) for k, p in paths.items()}
+    result: dict[str, dict[str, float]] = {}
+    for key, feed, ref in cases:
+        got = sessions[key].run(None, feed)[0]
+        if got.shape != ref.shape:
+            raise ModelError(f"{paths[key].name} returned shape {got.shape} where torch gives "
+                             f"{ref.shape}; the export is broken")
+        diff = np.abs(got.astype(np.float64) - ref)
+        entry = result.setdefault(key, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0})
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], float(diff.max()))
+        entry["mean_abs_diff"] = max(entry["mean_abs_diff"], float(diff.mean()))
     return result
 
 
-def _image_parity(ldm: LatentDiffusion, unet: torch.nn.Module, bundle_dir: Path, variant: str,
-                  cfg: ExportConfig) -> dict[str, float]:
-    """Sample end to end with torch and with the ONNX sampler from the same noise."""
+def _image_reference(ldm: LatentDiffusion, unet: torch.nn.Module, cfg: ExportConfig
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, initial noise and torch images (``ddim_sample`` + ``decode``, guidance 2)."""
     n = max(cfg.parity_batch_sizes)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     labels = torch.arange(n) % ldm.spec.num_classes
     noise = torch.randn((n, *ldm.latent_shape), generator=gen)
     z = ddim_sample(unet, ldm.scheduler, labels, ldm.latent_shape, ldm.spec.null_class,
                     steps=cfg.parity_steps, guidance=2.0, initial_noise=noise)
-    ref = ldm.decode(z).numpy()
+    return labels.numpy(), noise.numpy(), ldm.decode(z).numpy()
+
+
+def _image_parity(bundle_dir: Path, variant: str, cfg: ExportConfig,
+                  reference: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float]:
+    """The ONNX sampler's images vs torch's, from the same noise."""
+    labels, noise, ref = reference
     bundle = EdgeBundle.load(bundle_dir, variant=variant)
-    got = sample_images(bundle, labels.numpy(), SamplerConfig(steps=cfg.parity_steps, guidance=2.0),
-                        initial_noise=noise.numpy())
+    got = sample_images(bundle, labels, SamplerConfig(steps=cfg.parity_steps, guidance=2.0),
+                        initial_noise=noise)
     diff = np.abs(got.astype(np.float64) - ref)
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "steps": cfg.parity_steps, "guidance": 2.0, "images": n}
+            "steps": cfg.parity_steps, "guidance": 2.0, "images": int(labels.shape[0])}
 
 
 # -- variants -----------------------------------------------------------------------------
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` topologically (the fp16 converter appends its input casts)."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(range(len(graph.node))), []
+    while pending:
+        ready = [k for k in pending if all(i in known for i in graph.node[k].input)]
+        if not ready:
+            raise ModelError("fp16 conversion produced a graph with a cycle or a missing input")
+        for k in ready:
+            known.update(graph.node[k].output)
+        ordered += ready
+        done = set(ready)
+        pending = [k for k in pending if k not in done]
+    nodes = [graph.node[k] for k in ordered]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
 
 def _write_fp16(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _toposort(model.graph)
+    onnx.save(model, str(dst))
 
 
 def _write_int8(src: Path, dst: Path) -> None:
@@ -352,7 +395,9 @@ def _export_variants(ldm: LatentDiffusion, unet: torch.nn.Module, stage: Path,
     fp32 = {k: stage / f"{k}.onnx" for k in graphs}
     for key, path in fp32.items():
         _export(graphs[key], tuple(trace[key].values()), names[key], path, cfg.opset)
-    refs = {"unet": graphs["unet"], "decoder": ldm.decode}
+    cases = torch_references({"unet": graphs["unet"], "decoder": ldm.decode}, ldm,
+                             cfg.parity_batch_sizes, cfg.seed)
+    image_ref = None
     variants: dict[str, Any] = {}
     wanted = ["fp32"] + [v for v in ("fp16", "int8") if getattr(cfg, v)]
     for variant in wanted:
@@ -360,17 +405,20 @@ def _export_variants(ldm: LatentDiffusion, unet: torch.nn.Module, stage: Path,
         if variant != "fp32":
             for key in graphs:
                 _VARIANT_WRITERS[variant](fp32[key], files[key])
-        parity = measure_parity(files, refs, ldm, cfg.parity_batch_sizes, cfg.seed)
+                _check_graph(files[key])
+        parity = measure_parity(files, cases)
+        if variant == "fp32":
+            for key in graphs:
+                _check(f"{key}.onnx", parity[key], cfg.tolerance, f"the ONNX {key}")
         entry = {"files": {k: p.name for k, p in files.items()},
                  "sha256": {k: _sha256_file(p) for k, p in files.items()},
                  "parity": {**parity, "batch_sizes": list(cfg.parity_batch_sizes)}}
         variants[variant] = entry
         # the sampler needs bundle.json to open a variant: write the partial one
         atomic_write_json(stage / BUNDLE_FILE, {**meta, "variants": variants})
-        entry["image_parity"] = _image_parity(ldm, unet, stage, variant, cfg)
+        image_ref = image_ref or _image_reference(ldm, unet, cfg)
+        entry["image_parity"] = _image_parity(stage, variant, cfg, image_ref)
         if variant == "fp32":
-            for key in graphs:
-                _check(f"{key}.onnx", parity[key], cfg.tolerance, f"the ONNX {key}")
             _check("sampled images", entry["image_parity"], cfg.image_tolerance,
                    "the ONNX sampler's output")
         log.info("%s parity: %s", variant, {k: v["max_abs_diff"] for k, v in parity.items()}
