@@ -20,8 +20,13 @@ from .site import Site
 _CACHE_SIZE = 4  # sites kept warm per process: memory is bounded by concurrency, not by N
 
 
-def make_client_app(sites: Sequence[SiteConfig] | None = None) -> ClientApp:
-    app = ClientApp()
+def make_client_app(sites: Sequence[SiteConfig] | None = None, mods: list | None = None
+                    ) -> ClientApp:
+    """A ClientApp serving ``sites`` by partition id (simulation), or the node config's site.
+
+    ``mods`` are Flower client mods (middleware seeing every message in and out).
+    """
+    app = ClientApp(mods=mods or [])
     cache: OrderedDict[str, Site] = OrderedDict()
 
     def site_for(context: Context) -> Site:

@@ -82,7 +82,13 @@ def prepare_sites(setup: SimulationSetup, cfg: FedConfig) -> list[SiteConfig]:
 
 
 def simulate(cfg: FedConfig, setup: SimulationSetup) -> None:
-    """Run the federation with Flower's simulation engine (blocks until done)."""
+    """Split the data and run the federation with Flower's simulation engine."""
+    run_sites(cfg, prepare_sites(setup, cfg), setup.cpus_per_site, setup.gpus_per_site)
+
+
+def run_sites(cfg: FedConfig, sites: list[SiteConfig], cpus_per_site: float = 1.0,
+              gpus_per_site: float = 0.0, mods: list | None = None) -> None:
+    """Run ``cfg`` over the given virtual sites (blocks until the ServerApp returns)."""
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     from flwr.simulation import run_simulation
 
@@ -90,9 +96,7 @@ def simulate(cfg: FedConfig, setup: SimulationSetup) -> None:
 
     from .app import make_server_app
 
-    sites = prepare_sites(setup, cfg)
-    backend = {"client_resources": {"num_cpus": setup.cpus_per_site,
-                                    "num_gpus": setup.gpus_per_site},
+    backend = {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
                "init_args": {"include_dashboard": False, "log_to_driver": True}}
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(sites),
-                   num_supernodes=setup.num_sites, backend_config=backend)
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(sites, mods),
+                   num_supernodes=len(sites), backend_config=backend)

@@ -268,7 +268,7 @@ def _component(path: Path, name: str, default: str) -> Any:
         raise ModelError(f"model directory {path} has no '{name}/' subfolder; expected a "
                          "diffusers-format LDM with vae/, unet/ and scheduler/")
     try:
-        return cls.from_pretrained(sub)
+        return cls.from_pretrained(str(sub))
     except Exception as exc:  # diffusers raises several types for broken folders
         raise ModelError(f"cannot load {name} from {sub}: {exc}") from exc
 

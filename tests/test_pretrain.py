@@ -81,3 +81,17 @@ def test_config_ranges():
         PretrainConfig(preset="big")
     with pytest.raises(ConfigError, match="batch_size"):
         PretrainConfig(batch_size=0)
+
+
+def test_which_settings_may_change_on_resume():
+    from dpfl.shared.pretrain import _resumable
+    import dataclasses
+
+    cfg = PretrainConfig(preset="tiny", ae_steps=100, unet_steps=200)
+    in_ae = {"stage": "ae", "config": dataclasses.asdict(cfg)}
+    in_unet = {"stage": "unet", "config": dataclasses.asdict(cfg)}
+    longer_unet = dataclasses.replace(cfg, unet_steps=400)
+    assert _resumable(in_ae, longer_unet)  # nothing UNet-related exists yet
+    assert not _resumable(in_unet, longer_unet)  # the UNet schedule is under way
+    assert not _resumable(in_ae, dataclasses.replace(cfg, kl_weight=1.0))
+    assert _resumable(in_unet, dataclasses.replace(cfg, checkpoint_every=7, device="cpu"))

@@ -1,0 +1,40 @@
+import pytest
+
+from dpfl.shared.errors import ConfigError
+from dpfl.shared.fedconfig import FedConfig, RoundPlan, SiteConfig
+
+
+def test_run_config_kebab_case_and_plan_round_trip():
+    cfg = FedConfig.from_run_config({"num-rounds": 5, "ffa": "true", "lora-rank": "8",
+                                     "base-model": "m", "max-update-norm": 0})
+    assert cfg.num_rounds == 5 and cfg.ffa is True and cfg.lora_rank == 8
+    plan = cfg.plan("sha256:abc")
+    assert RoundPlan.from_record({**plan.to_record(), "server-round": 3}) == plan
+    assert plan.base_fingerprint == "sha256:abc"
+    assert cfg.update_bound == float("inf")
+
+
+@pytest.mark.parametrize("key, value", [("lora-rank", 0), ("clip", -1), ("num-rounds", 0),
+                                        ("target-epsilon", -2), ("fraction-train", 1.5),
+                                        ("noise-multiplicity", 0)])
+def test_out_of_range_values_are_named(key, value):
+    with pytest.raises(ConfigError, match=key):
+        FedConfig.from_run_config({key: value})
+
+
+def test_unknown_and_mistyped_keys():
+    with pytest.raises(ConfigError, match="num-roundz"):
+        FedConfig.from_run_config({"num-roundz": 3})
+    with pytest.raises(ConfigError, match="lora-rank"):
+        FedConfig.from_run_config({"lora-rank": "four"})
+
+
+def test_site_config_requires_data_and_sane_budget():
+    with pytest.raises(ConfigError, match="data"):
+        SiteConfig.from_node_config({"site-id": "x"})
+    with pytest.raises(ConfigError, match="epsilon-budget"):
+        SiteConfig.from_node_config({"data": "d", "epsilon-budget": -1})
+    with pytest.raises(ConfigError, match="delta"):
+        SiteConfig.from_node_config({"data": "d", "delta": 1.0})
+    s = SiteConfig.from_node_config({"data": "d", "epsilon-budget": "3", "partition-id": 0})
+    assert s.epsilon_budget == 3.0

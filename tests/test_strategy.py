@@ -1,0 +1,76 @@
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from dpfl.server.strategy import AdapterFedAvg, check_update
+
+REF = {"w.lora_A": np.zeros((2, 3), np.float32), "w.lora_B": np.zeros((3, 2), np.float32)}
+
+
+def test_check_update_accepts_well_formed():
+    upd = {k: v + 0.5 for k, v in REF.items()}
+    assert check_update(upd, REF) is None
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"w.lora_A": np.zeros((2, 3), np.float32)}, "unexpected keys"),
+    ({**REF, "w.extra": np.zeros(1, np.float32)}, "unexpected keys"),
+    ({**REF, "w.lora_B": np.zeros((2, 2), np.float32)}, "shape"),
+    ({**REF, "w.lora_B": np.full((3, 2), np.nan, np.float32)}, "non-finite"),
+    ({**REF, "w.lora_B": np.full((3, 2), np.inf, np.float32)}, "non-finite"),
+    ({**REF, "w.lora_B": np.zeros((3, 2), np.int64)}, "dtype"),
+])
+def test_check_update_rejects(bad, reason):
+    assert reason in check_update(bad, REF)
+
+
+def test_norm_bound():
+    upd = {k: v + 1.0 for k, v in REF.items()}  # distance sqrt(12)
+    assert check_update(upd, REF, max_update_norm=3.0) is not None
+    assert check_update(upd, REF, max_update_norm=4.0) is None
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the current run; outside a run, pretend to be run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_run_id", "_task_id", "_node_id")
+    old = {n: getattr(TaskIdentity, n, None) for n in names}
+    for n in names:
+        setattr(TaskIdentity, n, 1)
+    yield
+    for n, v in old.items():
+        setattr(TaskIdentity, n, v)
+
+
+def _reply(site, arrays, n, trained=1):
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": n, "trained": trained, "epsilon": 1.0}),
+        "site": ConfigRecord({"site-id": site})})
+    return Message(content=content, dst_node_id=0, message_type="train")
+
+
+def test_weighted_fedavg_of_valid_replies_only():
+    strat = AdapterFedAvg(excluded=lambda n: False)
+    a = {k: np.full(v.shape, 1.0, np.float32) for k, v in REF.items()}
+    b = {k: np.full(v.shape, 4.0, np.float32) for k, v in REF.items()}
+    nan = {k: np.full(v.shape, np.nan, np.float32) for k, v in REF.items()}
+    replies = [_reply("a", a, 100), _reply("b", b, 300), _reply("evil", nan, 10_000)]
+    ok, rejected = strat.split_replies(1, replies, REF)
+    assert [m.content["site"]["site-id"] for m in ok] == ["a", "b"]
+    assert "non-finite" in rejected["evil"]
+    agg, _ = strat.aggregate_valid(1, ok)
+    # (100*1 + 300*4) / 400 = 3.25, by hand
+    for v in agg.values():
+        np.testing.assert_allclose(v.numpy(), 3.25)
+
+
+def test_replies_that_did_not_train_are_not_averaged():
+    strat = AdapterFedAvg(excluded=lambda n: False)
+    ok, rejected = strat.split_replies(1, [_reply("a", REF, 10, trained=0)], REF)
+    assert ok == [] and "did not train" in rejected["a"]
+    assert strat.aggregate_valid(1, ok) == (None, None)
