@@ -201,6 +201,13 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
 def save_adapter(model: PeftModel, path: str | Path) -> Path:
     """Write a standard peft adapter directory (adapter_config.json + safetensors)."""
     path = Path(path)
+    for cfg in model.peft_config.values():  # diffusers gives a Path; peft's card wants str
+        if cfg.base_model_name_or_path is not None:
+            cfg.base_model_name_or_path = str(cfg.base_model_name_or_path)
+    base_cfg = getattr(model.get_base_model(), "config", None)
+    if base_cfg is not None and isinstance(base_cfg.get("_name_or_path"), Path):
+        # peft writes it into README.md as YAML; a Path object would make that unreadable
+        dict.__setitem__(base_cfg, "_name_or_path", str(base_cfg["_name_or_path"]))
     model.save_pretrained(str(path), safe_serialization=True)
     return path
 

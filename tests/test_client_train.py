@@ -1,0 +1,70 @@
+"""``dpfl-client train`` end to end on a tiny model: run directory, ledger, restart."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dpfl.client.cli import main
+from dpfl.shared.accountant import PersistentAccountant
+from dpfl.shared.data import ImageSet, write_npz
+from dpfl.shared.lora import load_adapter
+from dpfl.shared.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_ldm(build_ldm("tiny", seed=0), root / "base")
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 28, 28, 1), dtype=np.float32)
+    write_npz(root / "silo.npz", ImageSet(x, rng.integers(0, 10, 40), FASHION_MNIST_CLASSES))
+    return root
+
+
+def _train(setup, run, *extra):
+    args = ["train", "--data", str(setup / "silo.npz"), "--model", str(setup / "base"),
+            "--run-dir", str(run), "--epsilon", "8", "--delta", "1e-3", "--batch-size", "10",
+            "--physical-batch", "5", "-k", "2", "--rank", "2", "--planned-steps", "8",
+            "--sample-steps", "2", "--per-class", "1", "--device", "cpu", "--no-progress",
+            *extra]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return json.JSONDecoder().raw_decode(res.output[res.output.index("{\n"):])[0]
+
+
+def test_train_writes_run_dir_and_ledger_matches(setup, tmp_path):
+    run = tmp_path / "run"
+    out = _train(setup, run)
+    for name in ("config.json", "metrics.jsonl", "samples_before.png", "samples_after.png",
+                 "accountant.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (run / name).exists(), name
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m and "final" not in m]
+    assert len(steps) == out["steps"] == 4 and all(np.isfinite(m["loss"]) for m in steps)
+    final = metrics[-1]
+    ledger = PersistentAccountant.load(run / "accountant.json")
+    assert final["epsilon"] == pytest.approx(ledger.epsilon()) == pytest.approx(out["epsilon"])
+    assert [m for m in metrics if "epsilon" in m and "final" not in m][-1]["epsilon"] == \
+        pytest.approx(ledger.epsilon())
+    assert 0 < ledger.epsilon() < 8
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["dp"]["noise_multiplicity"] == 2 and "opacus" in cfg["versions"]
+    load_adapter(build_ldm("tiny").unet, run / "adapter")
+
+    # a second run in the same directory continues the same ledger
+    again = _train(setup, run)
+    assert again["epsilon"] > out["epsilon"]
+    assert PersistentAccountant.load(run / "accountant.json").steps == 8
+
+
+def test_train_refuses_over_budget(setup, tmp_path):
+    res = CliRunner().invoke(main, [
+        "train", "--data", str(setup / "silo.npz"), "--model", str(setup / "base"),
+        "--run-dir", str(tmp_path / "r"), "--sigma", "0.2", "--budget", "1", "--delta", "1e-3",
+        "--batch-size", "10", "--device", "cpu", "--no-progress", "--sample-steps", "1",
+        "--per-class", "1"])
+    assert res.exit_code != 0 and "budget" in res.output
+    assert not (tmp_path / "r" / "adapter").exists()
