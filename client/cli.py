@@ -143,5 +143,45 @@ def train(data, model_dir, run_dir, limit, preset, rank, alpha, dropout, blocks,
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command(context_settings=CTX)
+@click.option("--superlink", required=True, help="The coordinator's address, host:port.")
+@click.option("--ca-cert", required=True, type=click.Path(dir_okay=False),
+              help="The federation's CA certificate (verifies the coordinator).")
+@click.option("--node-key", required=True, type=click.Path(dir_okay=False),
+              help="This site's node-authentication private key (from the coordinator's "
+                   "'dpfl-server certs').")
+@click.option("--site-id", required=True, help="This site's name in the privacy ledger.")
+@click.option("--data", required=True, help="Private images: image folder, .npz or IDX file.")
+@click.option("--base-model", required=True, type=click.Path(file_okay=False),
+              help="Local copy of the public base model (verified by fingerprint).")
+@click.option("--state-dir", required=True, type=click.Path(file_okay=False),
+              help="Persistent state: accountant, cached latents. Never delete between runs.")
+@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              help="The most epsilon this site will ever spend (across all runs).")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5)
+@click.option("--accountant", type=click.Choice(["rdp", "prv"]), default="rdp")
+@click.option("--max-physical-batch", type=click.IntRange(min=1), default=256)
+@click.option("--secure-mode/--no-secure-mode", default=False,
+              help="Cryptographically secure noise (recommended in production).")
+@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
+@click.option("--runtime-port", type=click.IntRange(1, 65535), default=9094,
+              help="Loopback port of the SuperNode's Runtime API (distinct per node).")
+@click.option("--max-wait-time", type=click.FloatRange(min=0), default=0.0,
+              help="Give up after this many seconds without the coordinator (0: never).")
+def join(superlink: str, ca_cert: str, node_key: str, runtime_port: int,
+         max_wait_time: float, **site) -> None:
+    """Join a federation: a SuperNode serving this site's DP training (runs until stopped)."""
+    from dpfl.client.deploy import SiteNode, run_node
+    from dpfl.shared.fedconfig import SiteConfig
+
+    try:
+        node = SiteNode(site=SiteConfig(**site), superlink=superlink, ca_cert=Path(ca_cert),
+                        node_key=Path(node_key), runtime_port=runtime_port,
+                        max_wait_time=max_wait_time)
+    except DpflError as exc:
+        _fail(exc)
+    raise SystemExit(run_node(node))
+
+
 if __name__ == "__main__":
     main()

@@ -193,5 +193,120 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
     click.echo(f"run directory: {run_dir} (ledger.json, metrics.jsonl, samples_round_*.png, adapter/)")
 
 
+@main.command(context_settings=CTX)
+@click.option("--out", type=click.Path(file_okay=False), default="deploy/pki",
+              help="Directory for ca.crt/key, server.crt/key and sites/<id>/node.key|pub.")
+@click.option("--site", "sites", multiple=True, metavar="SITE_ID",
+              help="Create a node-authentication key pair for this site (repeatable).")
+@click.option("--host", "hosts", multiple=True, metavar="NAME_OR_IP",
+              help="Name/IP the sites dial (repeatable) [default: 127.0.0.1, localhost, ::1, "
+                   "this hostname]. Given with an existing CA: re-issue the server certificate.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing CA and keys.")
+def certs(out: str, sites: tuple[str, ...], hosts: tuple[str, ...], overwrite: bool) -> None:
+    """Create the federation's CA, the SuperLink's TLS certificate and site key pairs."""
+    from dpfl.server.pki import make_pki
+
+    try:
+        layout = make_pki(out, list(sites), list(hosts) or None, overwrite=overwrite)
+    except DpflError as exc:
+        _fail(exc)
+    click.echo(f"coordinator keeps: {layout.server_cert}, {layout.server_key}, "
+               f"{layout.root / 'sites'}/*/node.pub; move {layout.ca_key} offline")
+    for site in sites:
+        click.echo(f"give site {site}: {layout.ca_cert} and {layout.node_key(site)}")
+
+
+def _coordinator(pki: str, state_dir: str, host: str, port: int, address: str):
+    from dpfl.server.deploy import Coordinator
+
+    return Coordinator(pki=Path(pki), state_dir=Path(state_dir), host=host, port=port,
+                       address=address)
+
+
+_PKI = click.option("--pki", type=click.Path(file_okay=False), default="deploy/pki",
+                    help="Directory written by 'dpfl-server certs'.")
+_STATE = click.option("--state-dir", type=click.Path(file_okay=False),
+                      default="runs/coordinator",
+                      help="Coordinator state: SuperLink database, FLWR_HOME, logs.")
+_HOST = click.option("--host", default="127.0.0.1",
+                     help="Interface of the SuperLink's HTTPS API (loopback unless sites are "
+                          "remote).")
+_PORT = click.option("--port", type=click.IntRange(1, 65535), default=9093)
+
+
+@main.command(context_settings=CTX)
+@_PKI
+@_STATE
+@_HOST
+@_PORT
+@click.option("--site-key", "site_keys", multiple=True, metavar="SITE=PUBKEY",
+              help="List a site's public key [default: every PKI/sites/<id>/node.pub].")
+def serve(pki: str, state_dir: str, host: str, port: int, site_keys: tuple[str, ...]) -> None:
+    """Start the coordinator's SuperLink (TLS, only listed sites may join); runs until stopped."""
+    from dpfl.server.pki import PkiLayout
+
+    try:
+        coord = _coordinator(pki, state_dir, host, port, "")
+        if site_keys:
+            if not all("=" in k for k in site_keys):
+                raise DpflError(f"--site-key takes SITE=PUBKEY, got {list(site_keys)}")
+            keys = {k.split("=", 1)[0]: Path(k.split("=", 1)[1]) for k in site_keys}
+        else:
+            keys = {p.parent.name: p for p in sorted((PkiLayout(Path(pki)).root / "sites")
+                                                     .glob("*/node.pub"))}
+        from dpfl.server.deploy import serve as run_serve
+
+        code = run_serve(coord, keys)
+    except DpflError as exc:
+        _fail(exc)
+    raise SystemExit(code)
+
+
+@main.command(name="run", context_settings=CTX)
+@_PKI
+@_STATE
+@click.option("--superlink", "address", default="127.0.0.1:9093", help="SuperLink host:port.")
+@click.option("--app", "app", type=click.Path(file_okay=False), default=None,
+              help="dpfl source directory holding pyproject.toml [default: this checkout].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Run-config key, kebab-case, e.g. --set num-rounds=5 --set run-dir=/abs.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=24 * 3600.0,
+              help="Seconds to wait for the run to finish.")
+@click.option("--wait/--no-wait", default=True, help="Wait for the run and print the ledger.")
+def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
+            overrides: tuple[str, ...], timeout: float, wait: bool) -> None:
+    """Submit the federated DP fine-tuning run to a running coordinator SuperLink."""
+    from dpfl.server import deploy
+    from dpfl.server.ledger import PrivacyLedger
+    from dpfl.shared.fedconfig import FedConfig
+
+    try:
+        pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
+        if len(pairs) != len(overrides):
+            raise DpflError(f"--set takes KEY=VALUE, got {list(overrides)}")
+        cfg = FedConfig.from_run_config(pairs)  # validate here, before anything is sent
+        values = {k: getattr(cfg, k.replace("-", "_")) for k in pairs}
+        for key in ("base-model", "run-dir"):  # the SuperLink's cwd differs from ours
+            if key in values:
+                values[key] = str(Path(str(values[key])).resolve())
+        host, _, port = address.rpartition(":")
+        coord = _coordinator(pki, state_dir, host or "127.0.0.1", int(port), address)
+        coord.write_connection()
+        app_path = deploy.app_dir(app, coord.state_dir / "app")
+        run_id = deploy.submit_run(coord, app_path, values)
+        click.echo(f"run {run_id} submitted to {address}")
+        if not wait:
+            return
+        status = deploy.wait_run(coord, run_id, timeout)
+    except (DpflError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"run {run_id}: {status}")
+    ledger_path = Path(str(values.get("run-dir", cfg.run_dir))) / "ledger.json"
+    if ledger_path.exists():
+        click.echo(PrivacyLedger.load_or_create(ledger_path).table())
+    if status != f"{deploy.FINISHED}:completed":
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

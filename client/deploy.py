@@ -1,0 +1,124 @@
+"""Deployment mode of a site: a Flower SuperNode that dials the coordinator over TLS,
+authenticates with the site's private key, and serves the dpfl ClientApp.
+
+The site's own settings travel as the SuperNode's node config (kebab-case keys of
+:class:`dpfl.shared.fedconfig.SiteConfig`: site-id, data, base-model, state-dir,
+epsilon-budget, delta, accountant, max-physical-batch, secure-mode, device). They are
+validated here before anything starts, and again by the ClientApp for every message; the
+coordinator cannot change them.
+
+The SuperNode's own Runtime API (where its ClientApp subprocesses fetch messages) binds
+loopback on ``runtime_port``; several sites on one machine need distinct ports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpfl.shared.errors import ConfigError
+from dpfl.shared.fedconfig import SiteConfig
+from dpfl.shared.flwrproc import flwr_bin, flwr_env
+
+log = logging.getLogger(__name__)
+
+
+def node_config_arg(site: SiteConfig) -> str:
+    """``--node-config`` value: space-separated ``key=value`` pairs, strings JSON-quoted,
+    paths made absolute (the SuperNode's ClientApp runs in another working directory)."""
+    pairs = []
+    for f in dataclasses.fields(site):
+        value = getattr(site, f.name)
+        if f.name in ("data", "base_model", "state_dir") and not str(value).startswith("fmnist:"):
+            value = str(Path(value).expanduser().resolve())
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            if '"' in value or "\\" in value:
+                raise ConfigError(f"node config {f.name}={value!r}: quotes and backslashes "
+                                  "are not supported in values")
+            text = json.dumps(value)
+        else:
+            text = repr(value)
+        pairs.append(f"{f.name.replace('_', '-')}={text}")
+    return " ".join(pairs)
+
+
+@dataclass(frozen=True)
+class SiteNode:
+    """How a site joins a federation.
+
+    Attributes:
+        site: the site's settings (node config).
+        superlink: the coordinator's address, host:port.
+        ca_cert: the federation CA certificate (from the coordinator), verifies the server.
+        node_key: the site's node-authentication private key (OpenSSH ECDSA).
+        runtime_port: loopback port of this SuperNode's Runtime API (distinct per node).
+        max_wait_time: give up when the coordinator cannot be reached for this many
+            seconds (0: retry forever).
+    """
+
+    site: SiteConfig
+    superlink: str
+    ca_cert: Path
+    node_key: Path
+    runtime_port: int = 9094
+    max_wait_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if ":" not in self.superlink:
+            raise ConfigError(f"superlink must be host:port, got {self.superlink!r}")
+        for what, path in (("CA certificate", self.ca_cert), ("node key", self.node_key)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{what} {path} does not exist (the coordinator's "
+                                  "'dpfl-server certs' writes both)")
+        if not 0 < self.runtime_port < 65536:
+            raise ConfigError(f"runtime port must be in 1..65535, got {self.runtime_port}")
+        if self.max_wait_time < 0:
+            raise ConfigError(f"max-wait-time must be >= 0, got {self.max_wait_time}")
+
+    @property
+    def flwr_home(self) -> Path:
+        return Path(self.site.state_dir).expanduser().resolve() / "flwr-home"
+
+    def command(self) -> list[str]:
+        cmd = [flwr_bin("flower-supernode"), "--superlink", self.superlink,
+               "--root-certificates", str(Path(self.ca_cert).resolve()),
+               "--auth-supernode-private-key", str(Path(self.node_key).resolve()),
+               "--node-config", node_config_arg(self.site),
+               "--isolation", "subprocess", "--host", "127.0.0.1",
+               "--port", str(self.runtime_port)]
+        if self.max_wait_time:
+            cmd += ["--max-wait-time", str(self.max_wait_time)]
+        return cmd
+
+
+def start_node(node: SiteNode, log_file: Path | None = None) -> subprocess.Popen:
+    """Start the SuperNode in its own process group (stop it with ``os.killpg``)."""
+    state = Path(node.site.state_dir).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    node.flwr_home.mkdir(parents=True, exist_ok=True)
+    out = open(log_file or state / "supernode.log", "ab")  # noqa: SIM115 (child owns it)
+    log.info("site %s joining %s", node.site.site_id, node.superlink)
+    proc = subprocess.Popen(node.command(), env=_env(node), cwd=state, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
+    return proc
+
+
+def _env(node: SiteNode) -> dict[str, str]:
+    return flwr_env(node.flwr_home)
+
+
+def run_node(node: SiteNode) -> int:
+    """Run the SuperNode in the foreground until it exits; SIGTERM/SIGINT are passed on."""
+    import signal
+
+    proc = subprocess.Popen(node.command(), env=_env(node))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+    return proc.wait()
