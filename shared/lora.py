@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,7 +232,3 @@ def merged_unet(model: PeftModel) -> torch.nn.Module:
     """A plain UNet with the adapter folded in (for sampling/export); ``model`` is untouched."""
     return copy.deepcopy(model).merge_and_unload()
 
-
-def spec_from_names(names: list[str]) -> str:
-    """Human-readable summary of adapted layer names (for logs)."""
-    return ", ".join(sorted({re.sub(r"\.\d+\.", ".*.", n) for n in names}))
