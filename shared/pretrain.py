@@ -212,7 +212,10 @@ _FREE_IN_AE = {"ae_steps", "unet_steps", "unet_lr", "cond_drop", "ema_decay"}
 
 
 def _resumable(state: dict[str, Any], cfg: PretrainConfig) -> bool:
-    free = _FREE_ALWAYS | (_FREE_IN_AE if state.get("stage") == "ae" else set())
+    stage = state.get("stage")
+    free = _FREE_ALWAYS | (_FREE_IN_AE if stage == "ae" else set())
+    if stage == "ae_done":  # the autoencoder is final; UNet settings are still free
+        free |= _FREE_IN_AE - {"ae_steps"}
     old, new = state.get("config", {}), dataclasses.asdict(cfg)
     return all(old.get(k) == v for k, v in new.items() if k not in free)
 
@@ -231,10 +234,12 @@ def pretrain(cfg: PretrainConfig, data: ImageSet, run_dir: str | Path,
                          "same options to resume, or a new run directory")
     ldm = build_ldm(cfg.preset, seed=cfg.seed, class_names=data.class_names)
     x = to_model_tensor(data, ldm.spec.image_size, ldm.spec.channels)
-    if state.get("stage") in ("ae", "unet"):
+    if state.get("stage") in ("ae", "ae_done", "unet"):
         ldm.vae.load_state_dict(state["vae"])
-    if state.get("stage") != "unet":
+    if state.get("stage") not in ("ae_done", "unet"):
         _train_autoencoder(ldm, x, cfg, ckpt, state, rd, dev)
+        ckpt.save({"stage": "ae_done", "step": cfg.ae_steps, "vae": ldm.vae.state_dict(),
+                   "config": dataclasses.asdict(cfg)})
     ldm.vae.to(dev).eval().requires_grad_(False)
     stats = _set_latent_stats(ldm, x)
     rd.log(stage="latents", **stats)

@@ -95,3 +95,6 @@ def test_which_settings_may_change_on_resume():
     assert not _resumable(in_unet, longer_unet)  # the UNet schedule is under way
     assert not _resumable(in_ae, dataclasses.replace(cfg, kl_weight=1.0))
     assert _resumable(in_unet, dataclasses.replace(cfg, checkpoint_every=7, device="cpu"))
+    ae_done = {"stage": "ae_done", "config": dataclasses.asdict(cfg)}
+    assert _resumable(ae_done, longer_unet)
+    assert not _resumable(ae_done, dataclasses.replace(cfg, ae_steps=50))
