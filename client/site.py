@@ -27,16 +27,11 @@ from dpfl.shared.accountant import PersistentAccountant
 from dpfl.shared.dp import DPConfig, encode_silo, train_lora
 from dpfl.shared.errors import BudgetExhausted, ModelError
 from dpfl.shared.fedconfig import RoundPlan, SiteConfig
-from dpfl.shared.lora import LoraSpec
+from dpfl.shared.lora import spec_for_plan
 from dpfl.shared.models import LatentDiffusion, load_ldm
 from dpfl.shared.sources import load_source
 
 log = logging.getLogger(__name__)
-
-
-def lora_spec(plan: RoundPlan) -> LoraSpec:
-    return LoraSpec(preset=plan.lora_preset, rank=plan.lora_rank, alpha=plan.lora_alpha,
-                    dropout=plan.lora_dropout, train_class_embedding=plan.train_class_embedding)
 
 
 class Site:
@@ -108,7 +103,7 @@ class Site:
         dp = self.dp_config(plan, len(z))
         init = {k: torch.from_numpy(np.array(v)) for k, v in global_adapter.items()}
         try:
-            res = train_lora(ldm, z, y, lora_spec(plan), dp, acc, init_adapter=init,
+            res = train_lora(ldm, z, y, spec_for_plan(plan), dp, acc, init_adapter=init,
                              progress=False)
         except BudgetExhausted as exc:
             log.warning("site %s: %s", self.cfg.site_id, exc)

@@ -28,20 +28,16 @@ from safetensors.numpy import save as save_safetensors
 from dpfl.shared.errors import StateError
 from dpfl.shared.fedconfig import FedConfig, RoundPlan
 from dpfl.shared.io import atomic_write_bytes, atomic_write_json
-from dpfl.shared.lora import LoraSpec, adapter_state, load_adapter_state, save_adapter, wrap_unet
+from dpfl.shared.lora import (adapter_state, load_adapter_state, save_adapter, spec_for_plan,
+                              wrap_unet)
 from dpfl.shared.models import LatentDiffusion, load_ldm
 from dpfl.shared.rundir import RunDir
 from dpfl.shared.sampling import class_grid
 
 from .ledger import PrivacyLedger, SiteReport
-from .strategy import ARRAYS, METRICS, AdapterFedAvg, reply_site
+from .strategy import METRICS, AdapterFedAvg, reply_site
 
 log = logging.getLogger(__name__)
-
-
-def lora_spec(plan: RoundPlan) -> LoraSpec:
-    return LoraSpec(preset=plan.lora_preset, rank=plan.lora_rank, alpha=plan.lora_alpha,
-                    dropout=plan.lora_dropout, train_class_embedding=plan.train_class_embedding)
 
 
 def travelling_keys(adapter: dict[str, np.ndarray], ffa: bool) -> list[str]:
@@ -91,7 +87,7 @@ class Federation:
         plan = cfg.plan(base.fingerprint())
         run = RunDir(cfg.run_dir)
         torch.manual_seed(plan.seed)  # the shared adapter initialisation (A for FFA-LoRA)
-        model = wrap_unet(base.unet, lora_spec(plan))
+        model = wrap_unet(base.unet, spec_for_plan(plan))
         return cls(cfg, base, plan, run, PrivacyLedger.load_or_create(run / "ledger.json"),
                    GlobalCheckpoint(run / "global"), model)
 

@@ -64,6 +64,9 @@ class LoraSpec:
             learn classes the public model never saw.
         blocks: optional module-name prefixes (e.g. ``("up_blocks",)``); only layers under
             them get adapters. ``None`` (default): every matching layer.
+        freeze_a: FFA-LoRA (Sun et al., ICLR 2024): keep every ``lora_A`` at its (shared,
+            seeded) initialisation and train only ``lora_B`` (default False). Federated
+            averaging of B is then exact, and half the parameters travel.
     """
 
     preset: str = "attention"
@@ -72,6 +75,7 @@ class LoraSpec:
     dropout: float = 0.0
     train_class_embedding: bool = True
     blocks: tuple[str, ...] | None = None
+    freeze_a: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -148,12 +152,23 @@ def wrap_unet(unet: torch.nn.Module, spec: LoraSpec, copy_base: bool = True) -> 
     base = copy.deepcopy(unet) if copy_base else unet
     base.requires_grad_(False)
     model = get_peft_model(base, lora_config(base, spec))
+    if spec.freeze_a:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
     make_conv_inputs_contiguous(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("LoRA %s rank %d: %d trainable parameters of %d (%.2f%%)", spec.preset, spec.rank,
              n_train, n_all, 100.0 * n_train / max(n_all, 1))
     return model
+
+
+def spec_for_plan(plan) -> LoraSpec:
+    """The LoRA layout a federated round plan (:class:`dpfl.shared.fedconfig.RoundPlan`) asks for."""
+    return LoraSpec(preset=plan.lora_preset, rank=plan.lora_rank, alpha=plan.lora_alpha,
+                    dropout=plan.lora_dropout, train_class_embedding=plan.train_class_embedding,
+                    freeze_a=plan.ffa)
 
 
 def trainable_count(model: torch.nn.Module) -> int:

@@ -127,10 +127,21 @@ def test_global_adapter_changes_and_is_written(federation):
 def test_restarted_coordinator_resumes_without_recounting(federation):
     args = json.loads(json.dumps(federation["args"]))
     args["cfg"]["num_rounds"] = 3
+    args["cfg"]["ffa"] = True  # round 3 as FFA-LoRA: A frozen, only B travels back
     args["corrupt"] = None
+    run = federation["tmp"] / "run"
+    a_before = {k: v for k, v in load_file(run / "global" / "adapter.safetensors").items()
+                if "lora_A" in k}
     before = _ledger(federation)
     _run(args)
     after = _ledger(federation)
+    spy = [json.loads(line) for line in (federation["tmp"] / "spy.jsonl").read_text().splitlines()]
+    round3 = [r for r in spy if r["round"] == 3]
+    assert len(round3) == 2 and all(r["array_keys"] for r in round3)
+    assert not any("lora_A" in k for r in round3 for k in r["array_keys"])
+    glob = load_file(run / "global" / "adapter.safetensors")
+    for k, v in a_before.items():
+        np.testing.assert_array_equal(glob[k], v)
     assert [r["round"] for r in after["rounds"]] == [1, 2, 3]
     assert after["rounds"][:2] == before["rounds"]  # history untouched, round 3 appended
     ckpt = json.loads((federation["tmp"] / "run" / "global" / "checkpoint.json").read_text())

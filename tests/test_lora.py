@@ -101,3 +101,24 @@ def test_load_state_validates(tiny_ldm):
         assert all(torch.equal(before[k], after[k]) for k in before), what
     with pytest.raises(IncompatibleAdapter):
         load_adapter_state(wrap_unet(tiny_ldm.unet, LoraSpec("attention", rank=3)), good)
+
+
+def test_ffa_lora_freezes_a_and_keeps_it_in_the_adapter():
+    """FFA-LoRA: only B (and the class embedding) train; A stays at the seeded init."""
+    import torch
+
+    from dpfl.shared.lora import LoraSpec, adapter_state, wrap_unet
+    from dpfl.shared.models import build_ldm
+
+    unet = build_ldm("tiny", seed=0).unet
+    torch.manual_seed(5)
+    a = wrap_unet(unet, LoraSpec(freeze_a=True))
+    torch.manual_seed(5)
+    b = wrap_unet(unet, LoraSpec(freeze_a=True))
+    trainable = [n for n, p in a.named_parameters() if p.requires_grad]
+    assert trainable and not any(".lora_A." in n for n in trainable)
+    assert any(".lora_B." in n for n in trainable)
+    sa, sb = adapter_state(a), adapter_state(b)
+    assert any("lora_A" in k for k in sa)  # A still travels server -> site
+    for k in sa:  # same seed, same shared initialisation at every site
+        assert torch.equal(sa[k], sb[k])

@@ -49,7 +49,6 @@ def test_resume_continues_from_checkpoint(tmp_path):
     # a checkpoint from an interrupted run at UNet step 20
     import dpfl.shared.pretrain as pt
 
-    calls = {"n": 0}
     orig = pt._Checkpoint.save
 
     def save_then_die(self, state):
