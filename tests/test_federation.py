@@ -136,9 +136,13 @@ def test_restarted_coordinator_resumes_without_recounting(federation):
     _run(args)
     after = _ledger(federation)
     spy = [json.loads(line) for line in (federation["tmp"] / "spy.jsonl").read_text().splitlines()]
-    round3 = [r for r in spy if r["round"] == 3]
-    assert len(round3) == 2 and all(r["array_keys"] for r in round3)
+    round3 = [r for r in spy if r["round"] == 3 and r["array_keys"]]
+    assert sorted(r["site"] for r in round3) == ["site-0", "site-1"]
     assert not any("lora_A" in k for r in round3 for k in r["array_keys"])
+    # a restarted coordinator may ask the exhausted site once more; it refuses, spends nothing
+    assert [r["site"] for r in spy if r["round"] == 3 and not r["array_keys"]] in ([], ["site-2"])
+    own2 = PersistentAccountant.load(federation["tmp"] / "state2" / "accountant.json")
+    assert own2.epsilon() == pytest.approx(federation["spent_before"])
     glob = load_file(run / "global" / "adapter.safetensors")
     for k, v in a_before.items():
         np.testing.assert_array_equal(glob[k], v)
