@@ -204,11 +204,12 @@ def _train_unet(ldm: LatentDiffusion, z: torch.Tensor, y: torch.Tensor, cfg: Pre
     return ema
 
 
-# Settings that may change when resuming: bookkeeping, and UNet settings while the
-# checkpoint is still in the autoencoder stage (nothing derived from them exists yet; a
-# changed ae_steps re-shapes the remaining learning-rate schedule).
-_FREE_ALWAYS = {"checkpoint_every", "log_every", "device"}
-_FREE_IN_AE = {"ae_steps", "unet_steps", "unet_lr", "cond_drop", "ema_decay"}
+# Settings that may change when resuming: bookkeeping and the UNet's length always (a new
+# total re-shapes the rest of the cosine schedule: extend or shorten a run), and the other
+# UNet settings while the checkpoint is still in the autoencoder stage (nothing derived
+# from them exists yet; a changed ae_steps re-shapes the autoencoder's schedule likewise).
+_FREE_ALWAYS = {"checkpoint_every", "log_every", "device", "unet_steps"}
+_FREE_IN_AE = {"ae_steps", "unet_lr", "cond_drop", "ema_decay"}
 
 
 def _resumable(state: dict[str, Any], cfg: PretrainConfig) -> bool:

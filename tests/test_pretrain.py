@@ -91,7 +91,8 @@ def test_which_settings_may_change_on_resume():
     in_unet = {"stage": "unet", "config": dataclasses.asdict(cfg)}
     longer_unet = dataclasses.replace(cfg, unet_steps=400)
     assert _resumable(in_ae, longer_unet)  # nothing UNet-related exists yet
-    assert not _resumable(in_unet, longer_unet)  # the UNet schedule is under way
+    assert _resumable(in_unet, longer_unet)  # extending a run re-shapes its schedule
+    assert not _resumable(in_unet, dataclasses.replace(cfg, unet_lr=0.1))
     assert not _resumable(in_ae, dataclasses.replace(cfg, kl_weight=1.0))
     assert _resumable(in_unet, dataclasses.replace(cfg, checkpoint_every=7, device="cpu"))
     ae_done = {"stage": "ae_done", "config": dataclasses.asdict(cfg)}
