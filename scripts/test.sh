@@ -6,4 +6,6 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# one OpenMP thread per process: the suite runs several torch processes side by side
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec python -m pytest -q -p no:cacheprovider tests "$@"

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tests start several processes (Ray actors, SuperNodes) at once, and
+# OpenMP threads spinning against each other on 2 cores slow everything down many times.
+torch.set_num_threads(int(os.environ.get("DPFL_TEST_THREADS", "1")))
 
 FMNIST_DIR = Path(os.environ.get("DPFL_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 
