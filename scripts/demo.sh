@@ -26,7 +26,7 @@ if ! dpfl-server simulate --base-model "$base" --data fmnist:private --sites 3 \
 fi
 grep -E "dpfl.client.site|site-[0-9]+: [0-9]+ images" "$out/simulate.log" | sed 's/.*INFO[^:]*: *//' | head -20 || true
 echo "== privacy ledger (each site's own accountant; global = max by parallel composition)"
-sed -n '/^site  /,/^global/p' "$out/simulate.log"
+sed -n '/^site  /,/^global/p' "$out/simulate.log" | tail -n 5
 echo "== results"
 ls "$out/federated"/samples_round_*.png
 echo "before: $out/federated/samples_round_000.png   after: $(ls "$out/federated"/samples_round_*.png | tail -1)"
