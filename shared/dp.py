@@ -47,7 +47,7 @@ from .data import ImageSet, to_model_tensor
 from .diffusion import expand_draws, row_losses
 from .errors import ConfigError, DataError, StateError
 from .lora import LoraSpec, adapter_state, load_adapter_state, trainable_count, wrap_unet
-from .models import LatentDiffusion
+from .models import LatentDiffusion, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,6 @@ class DPConfig:
                               "lower delta")
         if self.batch_size > n:
             raise ConfigError(f"batch_size={self.batch_size} exceeds the silo size {n}; lower it")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use auto or cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {name!r} is not a torch device ({exc})") from exc
 
 
 def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,

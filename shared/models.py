@@ -28,7 +28,7 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .io import atomic_write_json
 
 SPEC_FILE = "dpfl_ldm.json"
@@ -179,6 +179,18 @@ class LatentDiffusion:
         return fingerprint_modules({"vae": self.vae, "unet": self.unet},
                                    extra={k: v for k, v in self.scheduler.config.items()
                                           if not k.startswith("_")})
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]`` -> a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device ({exc})") from exc
 
 
 def crop_center(images: torch.Tensor, size: int) -> torch.Tensor:

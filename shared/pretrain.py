@@ -26,7 +26,7 @@ from .data import ImageSet, to_model_tensor
 from .diffusion import example_losses
 from .errors import ConfigError, StateError
 from .io import atomic_write_bytes
-from .models import PRESETS, LatentDiffusion, build_ldm, save_ldm
+from .models import PRESETS, LatentDiffusion, build_ldm, resolve_device, save_ldm
 from .rundir import RunDir
 from .sampling import class_grid
 
@@ -83,14 +83,6 @@ class PretrainConfig:
             raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if not 0 <= self.ema_decay < 1 or self.kl_weight < 0:
             raise ConfigError("ema_decay must be in [0, 1) and kl_weight >= 0")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 class _Checkpoint:

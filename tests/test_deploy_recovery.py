@@ -4,7 +4,6 @@ SIGKILLed after round 1 and restarted: the resubmitted run resumes at round 2 wi
 ledger of round 1 intact. Every process is stopped and none may be left."""
 
 import json
-import signal
 import subprocess
 
 import pytest
