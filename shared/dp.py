@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +79,9 @@ class DPConfig:
             0 <= p < 1, default 0.1).
         secure_mode: cryptographically secure noise (needs torchcsprng; default False,
             which logs a warning: fine for research, not for deployment).
-        seed: seed of the Poisson sampler, diffusion draws and (insecure) noise.
+        seed: seed of the diffusion (timestep, noise) draws only; the Poisson sampler and
+            the DP noise always come from OS entropy (a recorded seed would let anyone
+            regenerate them and void the guarantee).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
     """
 
@@ -212,7 +215,9 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     "fine for research but NOT a cryptographic guarantee. Turn secure_mode on "
                     "for deployment. ***")
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
-        noise_gen = torch.Generator(device=device).manual_seed(dp.seed + 17)
+        # Never derive the noise from ``dp.seed``: that seed is in the run's config.json, and
+        # noise anyone can regenerate and subtract protects nothing. OS entropy instead.
+        noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     gsm, opt, dl = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                        noise_multiplier=sigma, max_grad_norm=dp.clip,
                                        poisson_sampling=True, loss_reduction="mean",
@@ -305,7 +310,9 @@ def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor
         load_adapter_state(model, init_adapter)
     model.train()
     n_train = trainable_count(model)
-    data_gen = torch.Generator().manual_seed(dp.seed)
+    # Poisson sampling must be secret too (amplification by subsampling assumes nobody knows
+    # which examples were drawn): seed it from OS entropy, never from the recorded seed.
+    data_gen = torch.Generator().manual_seed(secrets.randbits(63))
     loader = DataLoader(TensorDataset(latents.float(), labels.long()), batch_size=dp.batch_size,
                         generator=data_gen)
     q, steps, sigma = _plan(n, dp, accountant, loader)
