@@ -104,6 +104,56 @@ def info(model_dir: str) -> None:
 
 
 @main.command(context_settings=CTX)
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="Base model whose samples are evaluated (or give --train-real).")
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="peft adapter directory merged into --model (e.g. RUN_DIR/adapter).")
+@click.option("--train-real", default=None, metavar="SOURCE",
+              help="Evaluate this real set instead of samples (the non-private ceiling).")
+@click.option("--train-limit", type=click.IntRange(min=0), default=0,
+              help="With --train-real: class-proportional seeded subset of this size (0: all).")
+@click.option("--per-class", type=click.IntRange(min=1), default=200)
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, help="DDIM steps.")
+@click.option("--guidance", type=click.FloatRange(min=0), default=1.0)
+@click.option("--seed", type=int, default=0)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Sampling batch.")
+@click.option("--test", default="fmnist:test", help="Real test set (also the FD reference).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for evaluation.json, samples.png and samples.npz.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, help="Downstream CNN epochs.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              help="Share of the training set held out to pick the epoch (0: last epoch).")
+@click.option("--classifier-dir", type=click.Path(file_okay=False), default=None,
+              help="Domain classifier folder, trained there on --classifier-data if absent "
+                   "[default: MODEL/eval-classifier, or models/fmnist-base/eval-classifier].")
+@click.option("--classifier-data", default="fmnist:public",
+              help="PUBLIC data for the domain classifier.")
+@click.option("--inception", type=click.Path(dir_okay=False), default=None,
+              help="Local inception-2015-12-05.pt for FID [default: $DPFL_INCEPTION; unset: "
+                   "no FID].")
+@click.option("--device", default="cpu", help="auto, cpu or cuda[:N].")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="torch CPU threads (0: torch's default).")
+@click.option("--progress/--no-progress", default=True)
+def evaluate(out: str, threads: int, progress: bool, **kw) -> None:
+    """Utility of samples (or of a real set): downstream CNN accuracy on the real test set,
+    domain Fréchet distance, precision/recall, and FID with a local Inception file."""
+    import torch
+
+    from dpfl.shared.evaluate import EvalConfig, evaluate as run_evaluate, summary_table
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        record = run_evaluate(EvalConfig(**kw), out, progress=progress)
+    except DpflError as exc:
+        _fail(exc)
+    click.echo(summary_table(record))
+    click.echo(f"wrote {Path(out) / 'evaluation.json'}"
+               + (f" and {record['grid']}" if record["grid"] else ""))
+
+
+@main.command(context_settings=CTX)
 @click.argument("model_dir", type=click.Path())
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="peft adapter directory to merge (from 'dpfl-client train'); none: base only.")
