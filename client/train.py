@@ -10,6 +10,7 @@ private silo. Writes a run directory::
     samples_after.png  class grid with the adapter
     adapter/           peft adapter directory (adapter_config.json + safetensors)
     accountant.json    the client's privacy ledger (committed before training starts)
+    report/            report.html (self-contained) and report.md with plots (dpfl.shared.report)
 
 Rerunning in the same run directory continues the same ledger (ε accumulates).
 """
@@ -29,6 +30,7 @@ from dpfl.shared.dp import DPConfig, encode_silo, train_lora
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.lora import LoraSpec, load_adapter_state, merged_unet, save_adapter, wrap_unet
 from dpfl.shared.models import load_ldm
+from dpfl.shared.report import try_write_report
 from dpfl.shared.rundir import RunDir
 from dpfl.shared.sampling import class_grid
 from dpfl.shared.sources import load_source
@@ -99,6 +101,8 @@ def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True
     tuned = dataclasses.replace(ldm, unet=merged_unet(model).eval())
     class_grid(tuned, rd / "samples_after.png",
                title=f"DP-LoRA eps={result.epsilon:.2f} delta={result.delta:g}", **grid)
+    report = try_write_report(rd.path)  # logs, never raises: the results are on disk
     return {"epsilon": result.epsilon, "delta": result.delta, "steps": result.steps,
             "sigma": result.sigma, "examples": result.examples, "run_dir": str(rd.path),
-            "adapter": str(rd / "adapter"), "accountant": str(acc_path)}
+            "adapter": str(rd / "adapter"), "accountant": str(acc_path),
+            "report": str(report) if report else None}

@@ -240,7 +240,33 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
     except DpflError as exc:
         _fail(exc)
     click.echo(ledger.table())
-    click.echo(f"run directory: {run_dir} (ledger.json, metrics.jsonl, samples_round_*.png, adapter/)")
+    click.echo(f"run directory: {run_dir} (ledger.json, metrics.jsonl, samples_round_*.png, "
+               "adapter/, report/report.html)")
+
+
+@main.command(context_settings=CTX)
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--site", "sites", multiple=True, metavar="NAME=DIR",
+              help="A site's state directory (its rounds.jsonl) to add its local loss curve "
+                   "(repeatable) [default for a simulation: RUN_DIR/sites/*/state].")
+def report(run_dir: str, sites: tuple[str, ...]) -> None:
+    """Render RUN_DIR/report/ (report.html, report.md, plots) from the files of a federated
+    or central run; safe to repeat at any time, also for a crashed or resumed run."""
+    from dpfl.shared.report import write_report
+
+    try:
+        if not all("=" in s for s in sites):
+            raise DpflError(f"--site takes NAME=DIR, got {list(sites)}")
+        site_dirs = {s.split("=", 1)[0]: s.split("=", 1)[1] for s in sites}
+        if not site_dirs:  # the simulation keeps every site's state under the run directory
+            site_dirs = {p.parent.name: str(p) for p in
+                         sorted(Path(run_dir).glob("sites/*/state")) if p.is_dir()}
+            if site_dirs:
+                click.echo(f"site state found for {', '.join(site_dirs)} (simulation layout)")
+        path = write_report(run_dir, site_dirs or None)
+    except DpflError as exc:
+        _fail(exc)
+    click.echo(f"wrote {path} (self-contained) and {path.with_name('report.md')}")
 
 
 @main.command(context_settings=CTX)

@@ -19,6 +19,7 @@ from dpfl.shared.data import write_npz
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.fedconfig import FedConfig, SiteConfig
 from dpfl.shared.partition import partition
+from dpfl.shared.report import try_write_report
 from dpfl.shared.sources import load_source
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,11 @@ def prepare_sites(setup: SimulationSetup, cfg: FedConfig) -> list[SiteConfig]:
 
 
 def simulate(cfg: FedConfig, setup: SimulationSetup) -> None:
-    """Split the data and run the federation with Flower's simulation engine."""
-    run_sites(cfg, prepare_sites(setup, cfg), setup.cpus_per_site, setup.gpus_per_site)
+    """Split the data and run the federation with Flower's simulation engine, then render
+    the run's report with every site's local loss (all site state is on this machine)."""
+    sites = prepare_sites(setup, cfg)
+    run_sites(cfg, sites, setup.cpus_per_site, setup.gpus_per_site)
+    try_write_report(cfg.run_dir, site_dirs={s.site_id: s.state_dir for s in sites})
 
 
 def run_sites(cfg: FedConfig, sites: list[SiteConfig], cpus_per_site: float = 1.0,

@@ -1,0 +1,254 @@
+"""Run reports rendered from run directories on disk (federated, central, damaged, real)."""
+
+import base64
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dpfl.server.ledger import PrivacyLedger, SiteReport
+from dpfl.shared.accountant import PersistentAccountant
+from dpfl.shared.errors import StateError
+from dpfl.shared.grid import save_grid
+from dpfl.shared.io import append_jsonl, atomic_write_json
+from dpfl.shared.report import build_report, try_write_report, write_report
+from dpfl.shared.rundir import RunDir
+
+# cumulative epsilon each site reports after rounds 1..3; site-1 sits out round 2
+EPS = {1: {"site-0": 1.0, "site-1": 1.5, "site-2": 2.0},
+       2: {"site-0": 2.0, "site-2": 4.0},
+       3: {"site-0": 3.0, "site-1": 4.5, "site-2": 6.0}}
+
+
+def rep(site, eps, budget=10.0):
+    return SiteReport(site=site, epsilon=eps, delta=1e-5, budget=budget, sigma=1.1,
+                      sample_rate=0.1, steps=10, examples=100)
+
+
+def grid(path, seed):
+    rng = np.random.default_rng(seed)
+    return save_grid(rng.uniform(-1, 1, (4, 1, 8, 8)), path, nrow=2, title=path.stem)
+
+
+def federated_run(root, rounds=EPS, sites=True, finished=True):
+    """A federated run directory as server/rounds.py leaves it, and site state dirs."""
+    run = RunDir(root / "fed")
+    run.write_config({"num_rounds": 3, "ffa": True}, base_fingerprint="sha256:abc")
+    ledger = PrivacyLedger.load_or_create(run / "ledger.json")
+    grid(run / "samples_round_000.png", 0)
+    for r, eps in rounds.items():
+        rejected = {"site-2": "non-finite values"} if r == 3 else {}
+        entry = ledger.record_round(r, [rep(s, e) for s, e in eps.items()], rejected)
+        run.log(round=r, accepted=len(eps) - len(rejected), rejected=rejected,
+                epsilon={s: v["epsilon"] for s, v in entry["sites"].items()},
+                global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"])
+        grid(run / f"samples_round_{r:03d}.png", r)
+        for s, e in eps.items():
+            if sites:
+                append_jsonl(root / "fed" / "sites" / s / "state" / "rounds.jsonl",
+                             {"steps": 10, "epsilon": e, "sigma": 1.1, "sample_rate": 0.1,
+                              "mean_loss": 1.0 / r})
+    if finished:
+        atomic_write_json(run / "adapter" / "privacy.json", {
+            "global_epsilon": ledger.global_guarantee()[0], "rounds": ledger.last_round})
+    return run.path, {s: root / "fed" / "sites" / s / "state" for s in EPS[1]}
+
+
+def plots(doc):
+    return {p.name: {s.label: s for s in p.series} for p in doc.plots}
+
+
+def test_federated_report_files_and_embedded_images(tmp_path):
+    run, site_dirs = federated_run(tmp_path)
+    html_path = write_report(run, site_dirs)
+    out = run / "report"
+    assert html_path == out / "report.html"
+    for name in ("report.md", "plot_epsilon.png", "plot_updates.png", "plot_site_loss.png",
+                 "samples_round_000.png", "samples_round_003.png"):
+        assert (out / name).is_file(), name
+    html = html_path.read_text()
+    srcs = re.findall(r'<img src="([^"]*)"', html)
+    assert len(srcs) == 3 + 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    grid3 = base64.b64encode((run / "samples_round_003.png").read_bytes()).decode()
+    assert f"data:image/png;base64,{grid3}" in html
+    md = (out / "report.md").read_text()
+    assert "](plot_epsilon.png)" in md and "](samples_round_002.png)" in md
+    assert "ε = 6.000, δ = 1.0e-05" in md and "parallel composition" in md
+    assert "| 3 | site-2 | non-finite values |" in md
+    assert "carries this guarantee" in md and "torch" in md  # versions table
+
+
+def test_epsilon_plot_is_the_ledgers_series(tmp_path):
+    run, site_dirs = federated_run(tmp_path)
+    ledger = json.loads((run / "ledger.json").read_text())
+    eps = plots(build_report(run, site_dirs))["plot_epsilon.png"]
+    glob = eps["global ε (max over sites)"]
+    assert glob.x == [1, 2, 3] and glob.y == [e["global_epsilon"] for e in ledger["rounds"]]
+    assert glob.y == [2.0, 4.0, 6.0]
+    for entry in ledger["rounds"]:
+        for site, v in entry["sites"].items():
+            s = eps[f"ε {site}"]
+            assert s.y[s.x.index(entry["round"])] == v["epsilon"]
+    assert eps["ε site-1"].y == [1.5, 1.5, 4.5]  # round 2 sat out: its spend carries over
+    assert eps["budget (every site, ε = 10)"].y == [10.0, 10.0]
+    updates = plots(build_report(run))["plot_updates.png"]
+    assert updates["accepted"].y == [3, 2, 2] and updates["rejected"].y == [0, 0, 1]
+    loss = plots(build_report(run, site_dirs))["plot_site_loss.png"]
+    assert loss["site-1"].x == [1, 3] and loss["site-1"].y == [1.0, 1 / 3]
+
+
+def test_per_site_budgets_reruns_and_flags(tmp_path):
+    run = RunDir(tmp_path / "fed")
+    led = PrivacyLedger.load_or_create(run / "ledger.json")
+    led.record_round(1, [rep("a", 1.0, budget=5.0), rep("b", 2.0, budget=8.0)])
+    led.record_round(2, [rep("a", 2.0, budget=5.0)])
+    led.record_round(2, [rep("a", 2.5, budget=5.0), rep("b", 1.0, budget=8.0)])  # rerun, reset
+    doc = build_report(run.path)
+    eps = plots(doc)["plot_epsilon.png"]
+    assert eps["ε a"].x == [1, 2] and eps["ε a"].y == [1.0, 2.5]  # the rerun's record counts
+    assert eps["ε b"].y == [2.0, 2.0]  # the lower report is kept at the higher value
+    assert eps["budget a"].y == [5.0, 5.0] and eps["budget b"].y == [8.0, 8.0]
+    write_report(run.path)
+    md = (run / "report" / "report.md").read_text()
+    assert "below its earlier 2.0000" in md and "| 2 | yes |" in md
+
+
+def test_client_level_guarantee_when_the_ledger_has_one(tmp_path):
+    run, _ = federated_run(tmp_path)
+    data = json.loads((run / "ledger.json").read_text())
+    for i, entry in enumerate(data["rounds"]):
+        entry["client_level"] = {"epsilon": 0.5 * (i + 1), "delta": 1e-3, "budget": 4.0,
+                                 "noise_multiplier": 1.3, "clip": 0.2, "releases": i + 1}
+    data["client_level"] = data["rounds"][-1]["client_level"]
+    atomic_write_json(run / "ledger.json", data)
+    doc = build_report(run)
+    series = plots(doc)["plot_client_level_epsilon.png"]
+    assert series["client-level ε"].y == [0.5, 1.0, 1.5]
+    assert series["client-level budget"].y == [4.0, 4.0]
+    write_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "(ε = 1.500, δ = 1.0e-03) after 3 noised release(s)" in md
+
+
+def test_missing_optional_files_are_stated_not_fatal(tmp_path):
+    run, _ = federated_run(tmp_path, sites=False, finished=False)
+    for name in ("config.json", "metrics.jsonl", "samples_round_001.png"):
+        (run / name).unlink()
+    write_report(run, {"site-0": tmp_path / "nowhere"})
+    md = (run / "report" / "report.md").read_text()
+    assert "No config.json" in md and "No final adapter yet" in md
+    assert "| 1 |  | 2 | 1.0e-05 | 1 | 1.5 | 2 | not released | 0 |" in md
+    assert "site site-0: no" in md and not (run / "report" / "plot_updates.png").exists()
+    write_report(run)  # no site directories: the loss stays local, and the report says so
+    assert "never sent to the coordinator" in (run / "report" / "report.md").read_text()
+    fresh = RunDir(tmp_path / "fresh")  # crashed before round 1: a config, nothing else
+    fresh.write_config({"num_rounds": 3})
+    write_report(fresh.path)
+    assert "No privacy ledger" in (fresh / "report" / "report.md").read_text()
+
+
+def test_corrupt_ledger_names_the_file(tmp_path, caplog):
+    run, _ = federated_run(tmp_path)
+    path = run / "ledger.json"
+    path.write_text('{"rounds": [')
+    with pytest.raises(StateError, match=re.escape(str(path))):
+        write_report(run)
+    path.write_text(json.dumps({"rounds": [{"round": 1}], "sites": {}}))
+    with pytest.raises(StateError, match=f"{re.escape(str(path))}.*global_epsilon"):
+        build_report(run)
+    with caplog.at_level(logging.WARNING):
+        assert try_write_report(run) is None  # the end of a run: logged, never raised
+    assert "ledger.json" in caplog.text
+    with pytest.raises(StateError, match="no dpfl run"):
+        build_report(tmp_path / "fed" / "sites")
+
+
+def test_evaluation_json_scalars_and_images(tmp_path):
+    run, _ = federated_run(tmp_path)
+    grid(run / "eval" / "samples.png", 7)
+    atomic_write_json(run / "eval" / "evaluation.json", {
+        "kind": "synthetic", "seconds": 12.5, "downstream": {"accuracy": 0.731, "epochs": 10},
+        "fid": None, "grid": str(run / "eval" / "samples.png"), "extra": "gone.png"})
+    write_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "## Evaluation (eval/evaluation.json)" in md
+    assert "| downstream.accuracy | 0.731 |" in md and "| seconds | 12.5 |" in md
+    assert "refers to gone.png" in md and "](samples.png)" in md
+    embedded = base64.b64encode((run / "eval" / "samples.png").read_bytes()).decode()
+    assert embedded in (run / "report" / "report.html").read_text()
+
+
+def test_central_report_from_disk(tmp_path):
+    run = RunDir(tmp_path / "central")
+    run.write_config({"job": {"accountant_file": None}, "dp": {"epsilon": 8}}, examples=40)
+    acc = PersistentAccountant.open(run / "accountant.json", delta=1e-3, budget=8.0)
+    for steps in (4, 3):  # two runs in the same directory; the second is cut off
+        acc.commit(1.2, 0.25, steps)
+    for i in range(1, 5):
+        run.log(step=i, epoch=1 + (i > 2), examples=10, loss=1.0 / i, seconds=0.1)
+        if i % 2 == 0:
+            run.log(epoch=i // 2, step=i, epsilon=0.1 * i)
+    run.log(final=True, steps=4, sigma=1.2, sample_rate=0.25, epsilon=0.4, delta=1e-3,
+            mean_loss=0.5, ledger_steps=4)
+    for i in range(1, 4):
+        run.log(step=i, epoch=1, examples=10, loss=0.1, seconds=0.1)
+    grid(run / "samples_before.png", 1)
+    doc = build_report(run.path)
+    p = plots(doc)
+    assert p["plot_loss.png"]["loss per step"].x == [1, 2, 3, 4, 5, 6, 7]
+    curve = p["plot_epsilon.png"]["ε (rdp accountant)"]
+    assert curve.x[0] == 0 and curve.y[0] == 0 and curve.x[-1] == 7
+    assert curve.y[-1] == pytest.approx(acc.epsilon()) and curve.y == sorted(curve.y)
+    assert p["plot_epsilon.png"]["ε logged per epoch"].x == [2, 4]
+    write_report(run.path)
+    md = (run / "report" / "report.md").read_text()
+    assert f"(ε = {acc.epsilon():.3f}, δ = 0.001)" in md and "samples_after.png is missing" in md
+    assert "| 1.2 | 0.25 | 7 |" in md  # the accountant's (sigma, q, steps) history
+
+
+def test_corrupt_accountant_names_the_file(tmp_path):
+    run = RunDir(tmp_path / "central")
+    (run / "accountant.json").write_text("{}")
+    with pytest.raises(StateError, match=re.escape(str(run / "accountant.json"))):
+        write_report(run.path)
+
+
+def test_cli_report_finds_simulated_sites(tmp_path):
+    from dpfl.server.cli import main
+
+    run, _ = federated_run(tmp_path)
+    res = CliRunner().invoke(main, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "site-0, site-1, site-2" in res.output and (run / "report" / "report.html").exists()
+    assert (run / "report" / "plot_site_loss.png").exists()
+    (run / "ledger.json").write_text("nonsense")
+    res = CliRunner().invoke(main, ["report", str(run), "--site", "site-0=" + str(tmp_path)])
+    assert res.exit_code != 0 and "ledger.json" in res.output
+
+
+def test_real_central_training_writes_report(tmp_path):
+    from dpfl.client.cli import main
+    from dpfl.shared.data import ImageSet, write_npz
+    from dpfl.shared.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
+
+    save_ldm(build_ldm("tiny", seed=0), tmp_path / "base")
+    rng = np.random.default_rng(0)
+    write_npz(tmp_path / "silo.npz", ImageSet(rng.random((20, 28, 28, 1), dtype=np.float32),
+                                              rng.integers(0, 10, 20), FASHION_MNIST_CLASSES))
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, [
+        "train", "--data", str(tmp_path / "silo.npz"), "--model", str(tmp_path / "base"),
+        "--run-dir", str(run), "--epsilon", "8", "--delta", "1e-3", "--batch-size", "10",
+        "--physical-batch", "10", "--rank", "2", "--epochs", "2", "--sample-steps", "1",
+        "--per-class", "1", "--device", "cpu", "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.JSONDecoder().raw_decode(res.output[res.output.index("{\n"):])[0]
+    assert summary["report"] == str(run / "report" / "report.html")
+    html = (run / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # epsilon, loss, before, after
+    md = (run / "report" / "report.md").read_text()
+    assert f"(ε = {PersistentAccountant.load(run / 'accountant.json').epsilon():.3f}" in md
+    assert "| dp.noise_multiplicity |" in md
