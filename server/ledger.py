@@ -49,6 +49,7 @@ class PrivacyLedger:
         self.rounds: list[dict[str, Any]] = []
         self.sites: dict[str, dict[str, Any]] = {}
         self.flags: list[str] = []
+        self.client_level: dict[str, Any] | None = None  # DP-FedAvg spend, when enabled
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> "PrivacyLedger":
@@ -58,6 +59,7 @@ class PrivacyLedger:
                 data = json.loads(ledger.path.read_text())
                 ledger.rounds, ledger.sites = data["rounds"], data["sites"]
                 ledger.flags = data.get("flags", [])
+                ledger.client_level = data.get("client_level")
             except (OSError, ValueError, KeyError) as exc:
                 raise StateError(f"privacy ledger {ledger.path} is unreadable ({exc}); "
                                  "restore it from backup - it must never be reset") from exc
@@ -68,8 +70,13 @@ class PrivacyLedger:
         return self.rounds[-1]["round"] if self.rounds else 0
 
     def record_round(self, server_round: int, reports: list[SiteReport],
-                     rejected: dict[str, str] | None = None) -> dict[str, Any]:
-        """Add a round's reports and persist the ledger durably; returns the round entry."""
+                     rejected: dict[str, str] | None = None,
+                     client_level: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Add a round's reports and persist the ledger durably; returns the round entry.
+
+        ``client_level``: the coordinator's cumulative client-level (DP-FedAvg) spend after
+        this round, when client-level DP is on; it is reported beside the record-level one.
+        """
         if server_round < self.last_round:
             raise StateError(f"round {server_round} is older than the ledger's last round "
                              f"{self.last_round}; the ledger is never rewound")
@@ -93,6 +100,9 @@ class PrivacyLedger:
                            for r in reports},
                  "rejected": rejected or {},
                  "global_epsilon": eps_g, "global_delta": delta_g}
+        if client_level is not None:
+            self.client_level = dict(client_level)
+            entry["client_level"] = dict(client_level)
         self.rounds.append(entry)
         self.save()
         return entry
@@ -110,7 +120,7 @@ class PrivacyLedger:
 
     def save(self) -> None:
         atomic_write_json(self.path, {"rounds": self.rounds, "sites": self.sites,
-                                      "flags": self.flags,
+                                      "flags": self.flags, "client_level": self.client_level,
                                       "global": dict(zip(("epsilon", "delta"),
                                                          self.global_guarantee()))})
 
@@ -126,4 +136,9 @@ class PrivacyLedger:
         eps, delta = self.global_guarantee()
         lines.append(f"global (record-level, parallel composition): epsilon={eps:.3f} "
                      f"delta={delta:.1e} after {self.last_round} round(s)")
+        if self.client_level:
+            c = self.client_level
+            lines.append(f"client-level (DP-FedAvg, one whole site): epsilon={c['epsilon']:.3f} "
+                         f"delta={c['delta']:.1e} (noise z={c['noise_multiplier']:g}, clip "
+                         f"{c['clip']:g}, {c['releases']} release(s))")
         return "\n".join(lines)

@@ -14,6 +14,7 @@ one round ahead of the checkpoint, is never rewound.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,12 @@ from dpfl.shared.lora import (adapter_state, load_adapter_state, save_adapter, s
                               wrap_unet)
 from dpfl.shared.models import LatentDiffusion, load_ldm
 from dpfl.shared.rundir import RunDir
+from dpfl.shared.report import try_write_report
 from dpfl.shared.sampling import class_grid
 
+from .clientdp import ClientLevelDP
 from .ledger import PrivacyLedger, SiteReport
-from .strategy import METRICS, AdapterFedAvg, reply_site
+from .strategy import ARRAYS, METRICS, SITE, AdapterFedAvg, reply_site
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,6 @@ class GlobalCheckpoint:
     def load(self) -> tuple[int, dict[str, np.ndarray]] | None:
         if not self.meta.exists():
             return None
-        import json
-
         try:
             meta = json.loads(self.meta.read_text())
             weights = load_safetensors(self.weights.read_bytes())
@@ -117,12 +118,45 @@ class Federation:
                           seed=self.plan.seed, title=title)
 
 
+class NodeSites:
+    """Which site each Flower node id answered as, kept on disk so that a restarted
+    coordinator does not ask an exhausted site again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.map: dict[int, str] = {}
+        if path.exists():
+            try:
+                self.map = {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable %s (%s); sites re-identify on reply", path, exc)
+
+    def get(self, node: int, default: str = "") -> str:
+        return self.map.get(node, default)
+
+    def update(self, replies: list[Message]) -> None:
+        new = {m.metadata.src_node_id: reply_site(m) for m in replies
+               if not m.has_error() and SITE in m.content.config_records}
+        if any(self.map.get(n) != s for n, s in new.items()):
+            self.map.update(new)
+            atomic_write_json(self.path, {str(k): v for k, v in sorted(self.map.items())})
+
+
+def client_level_dp(cfg: FedConfig, run: RunDir) -> ClientLevelDP | None:
+    if cfg.client_dp_clip <= 0:
+        return None
+    return ClientLevelDP(run / "client_dp_accountant.json", clip=cfg.client_dp_clip,
+                         noise_multiplier=cfg.client_dp_noise, delta=cfg.client_dp_delta,
+                         budget=cfg.client_dp_epsilon)
+
+
 def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
     """Run (or resume) the federated rounds; returns the final ledger."""
     fed = Federation.open(cfg)
     fed.run.write_config(cfg, base_fingerprint=fed.plan.base_fingerprint)
     done, adapter = fed.initial_adapter()
-    node_site: dict[int, str] = {}
+    node_site = NodeSites(fed.run / "nodes.json")
+    cdp = client_level_dp(cfg, fed.run)
     strategy = AdapterFedAvg(
         excluded=lambda n: fed.ledger.exhausted(node_site.get(n, "")),
         sample_seed=cfg.seed + done, max_update_norm=cfg.update_bound,
@@ -131,6 +165,10 @@ def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
     if done == 0:
         fed.sample_grid(adapter, "samples_round_000.png", "base model (round 0)")
     for rnd in range(done + 1, cfg.num_rounds + 1):
+        if cdp is not None and not cdp.can_release():
+            log.warning("round %d: one more round would exceed the client-level budget "
+                        "(epsilon %g); stopping", rnd, cfg.client_dp_epsilon)
+            break
         msgs = list(strategy.configure_train(
             rnd, ArrayRecord({k: Array(v) for k, v in adapter.items()}),
             ConfigRecord(fed.plan.to_record()), grid))
@@ -139,22 +177,32 @@ def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
                         "stopping", rnd)
             break
         replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
-        for msg in replies:
-            node_site[msg.metadata.src_node_id] = reply_site(msg)
+        node_site.update(replies)
         keys = travelling_keys(adapter, cfg.ffa)
-        ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys})
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys},
+                                              node_site.map, sent_to)
         missing = len(msgs) - len(replies)
         if missing:
             rejected[f"<{missing} unanswered>"] = f"no reply within {cfg.round_timeout}s"
         reports = [r for r in map(fed.report, replies) if r is not None]
-        entry = fed.ledger.record_round(rnd, reports, rejected)  # durable before release
-        agg, metrics = strategy.aggregate_valid(rnd, ok)
-        if agg is not None:
-            adapter = {**adapter, **{k: v.numpy() for k, v in agg.items()}}
+        # both privacy records are durable before anything derived from the round exists
+        client_level = cdp.commit_release().to_json() if cdp is not None else None
+        entry = fed.ledger.record_round(rnd, reports, rejected, client_level)
+        if cdp is not None:  # equal weights, fixed denominator: every sampled site counts
+            updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
+                       for m in ok]
+            adapter = {**adapter, **cdp.aggregate({k: adapter[k] for k in keys}, updates,
+                                                  sampled=len(msgs))}
+        else:
+            agg, metrics = strategy.aggregate_valid(rnd, ok)
+            if agg is not None:
+                adapter = {**adapter, **{k: v.numpy() for k, v in agg.items()}}
         fed.checkpoint.save(rnd, adapter, fed.plan.base_fingerprint)
         fed.run.log(round=rnd, accepted=len(ok), rejected=rejected,
                     epsilon={s: v["epsilon"] for s, v in entry["sites"].items()},
-                    global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"])
+                    global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"],
+                    **({"client_level_epsilon": client_level["epsilon"]} if client_level else {}))
         if cfg.sample_every and rnd % cfg.sample_every == 0:
             fed.sample_grid(adapter, f"samples_round_{rnd:03d}.png",
                             f"global model after round {rnd}, eps={entry['global_epsilon']:.2f}")
@@ -164,6 +212,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
         "global_epsilon": fed.ledger.global_guarantee()[0],
         "global_delta": fed.ledger.global_guarantee()[1],
         "sites": fed.ledger.sites, "rounds": fed.ledger.last_round,
+        "client_level": fed.ledger.client_level,
         "base_fingerprint": fed.plan.base_fingerprint})
     log.info("privacy ledger:\n%s", fed.ledger.table())
+    try_write_report(fed.run.path)  # logs a failure, never raises
     return fed.ledger

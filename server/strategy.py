@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -51,9 +51,18 @@ def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]
     return None
 
 
-def reply_site(msg: Message) -> str:
-    site = msg.content.config_records.get(SITE)
-    return str(site["site-id"]) if site and "site-id" in site else f"node-{msg.metadata.src_node_id}"
+def reply_site(msg: Message, known: Mapping[int, str] | None = None,
+               sent_to: Mapping[str, int] | None = None) -> str:
+    """The site a reply comes from: the name it gives, else the name its node answered with
+    before (``known``: node id -> site), else ``node-<id>``. Error replies carry no content,
+    and when the SuperLink answers for a node that died their source is the SuperLink, so
+    the node is found from the message they reply to (``sent_to``: message id -> node id)."""
+    node = (sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+    if not msg.has_error():
+        site = msg.content.config_records.get(SITE)
+        if site and "site-id" in site:
+            return str(site["site-id"])
+    return (known or {}).get(node) or f"node-{node}"
 
 
 class AdapterFedAvg(FedAvg):
@@ -96,11 +105,14 @@ class AdapterFedAvg(FedAvg):
         return self._construct_messages(record, nodes, "train")
 
     def split_replies(self, server_round: int, replies: Iterable[Message],
-                      reference: dict[str, np.ndarray]) -> tuple[list[Message], dict[str, str]]:
-        """Replies that may be averaged, and {site: reason} for every one that may not."""
+                      reference: dict[str, np.ndarray], known: Mapping[int, str] | None = None,
+                      sent_to: Mapping[str, int] | None = None
+                      ) -> tuple[list[Message], dict[str, str]]:
+        """Replies that may be averaged, and {site: reason} for every one that may not
+        (``known`` and ``sent_to`` name error replies, see :func:`reply_site`)."""
         ok, rejected = [], {}
         for msg in replies:
-            site = reply_site(msg)
+            site = reply_site(msg, known, sent_to)
             if msg.has_error():
                 rejected[site] = f"client error: {msg.error.reason}"
                 continue

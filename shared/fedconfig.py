@@ -123,6 +123,11 @@ class FedConfig(RoundPlan):
             (0: no bound beyond finiteness).
         sample_every: write a global sample grid every N rounds (0: only at the end).
         sample_steps: DDIM steps of those grids.
+        client_dp_clip: client-level DP (DP-FedAvg, see ``dpfl.server.clientdp``): L2 bound
+            on each site's update; 0 turns it off (record-level DP at the sites stays on).
+        client_dp_noise: noise multiplier z of client-level DP (std z * clip / sampled sites).
+        client_dp_delta: delta of the client-level guarantee (must be < 1 / number of sites).
+        client_dp_epsilon: client-level epsilon budget; no round runs that would exceed it.
     """
 
     base_model: str = "models/fmnist-base"
@@ -134,9 +139,22 @@ class FedConfig(RoundPlan):
     max_update_norm: float = 0.0
     sample_every: int = 1
     sample_steps: int = 25
+    client_dp_clip: float = 0.0
+    client_dp_noise: float = 1.0
+    client_dp_delta: float = 1e-3
+    client_dp_epsilon: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.client_dp_clip < 0 or not math.isfinite(self.client_dp_clip):
+            raise ConfigError(f"client-dp-clip must be >= 0 (0: off), got {self.client_dp_clip}")
+        if self.client_dp_clip > 0:
+            if not (self.client_dp_noise > 0 and math.isfinite(self.client_dp_noise)):
+                raise ConfigError(f"client-dp-noise must be > 0, got {self.client_dp_noise}")
+            if not 0 < self.client_dp_delta < 1:
+                raise ConfigError(f"client-dp-delta must be in (0, 1), got {self.client_dp_delta}")
+            if not (self.client_dp_epsilon > 0 and math.isfinite(self.client_dp_epsilon)):
+                raise ConfigError(f"client-dp-epsilon must be > 0, got {self.client_dp_epsilon}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
         if self.min_train_nodes < 1 or self.min_available_nodes < 0:

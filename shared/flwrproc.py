@@ -20,8 +20,12 @@ class DeployError(DpflError):
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """Environment of every flwr process: private FLWR_HOME, no run-time installs."""
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+    """Environment of every flwr process: private FLWR_HOME, no run-time installs, and this
+    Python environment's scripts first on PATH (the SuperLink starts ``flower-superexec`` and
+    the SuperNode its app processes by name, so an un-activated virtualenv must still work)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -128,10 +128,15 @@ def test_restarted_coordinator_resumes_without_recounting(federation):
     args = json.loads(json.dumps(federation["args"]))
     args["cfg"]["num_rounds"] = 3
     args["cfg"]["ffa"] = True  # round 3 as FFA-LoRA: A frozen, only B travels back
+    # and with client-level DP (DP-FedAvg) on top of the sites' record-level DP
+    args["cfg"].update(client_dp_clip=0.05, client_dp_noise=1.0, client_dp_delta=0.1,
+                       client_dp_epsilon=50.0)
     args["corrupt"] = None
     run = federation["tmp"] / "run"
     a_before = {k: v for k, v in load_file(run / "global" / "adapter.safetensors").items()
                 if "lora_A" in k}
+    b_before = {k: v for k, v in load_file(run / "global" / "adapter.safetensors").items()
+                if "lora_B" in k}
     before = _ledger(federation)
     _run(args)
     after = _ledger(federation)
@@ -148,6 +153,15 @@ def test_restarted_coordinator_resumes_without_recounting(federation):
         np.testing.assert_array_equal(glob[k], v)
     assert [r["round"] for r in after["rounds"]] == [1, 2, 3]
     assert after["rounds"][:2] == before["rounds"]  # history untouched, round 3 appended
+    cdp = PersistentAccountant.load(run / "client_dp_accountant.json")
+    assert cdp.steps == 1 and cdp.history == [(1.0, 1.0, 1)]  # one release, no amplification
+    level = after["rounds"][2]["client_level"]
+    assert level["epsilon"] == pytest.approx(cdp.epsilon()) and level["releases"] == 1
+    assert after["client_level"] == level and "client_level" not in after["rounds"][1]
+    # B moved by the clipped mean (norm <= 0.05) plus noise of std z * clip / sampled sites
+    sampled = len([r for r in spy if r["round"] == 3])
+    change = np.concatenate([(glob[k] - v).ravel() for k, v in b_before.items()])
+    assert change.std() == pytest.approx(0.05 / sampled, rel=0.15)
     ckpt = json.loads((federation["tmp"] / "run" / "global" / "checkpoint.json").read_text())
     assert ckpt["round"] == 3
     for site in ("site-0", "site-1"):

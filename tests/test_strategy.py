@@ -72,3 +72,21 @@ def test_replies_that_did_not_train_are_not_averaged():
     ok, rejected = strat.split_replies(1, [_reply("a", REF, 10, trained=0)], REF)
     assert ok == [] and "did not train" in rejected["a"]
     assert strat.aggregate_valid(1, ok) == (None, None)
+
+
+def test_error_reply_from_a_dead_node_is_rejected_not_fatal():
+    """The SuperLink answers for a node that died mid-round with an error message that has
+    no content; it must be logged as a rejection, named by the site the node was before."""
+    from flwr.app import Error
+
+    sent = Message(content=RecordDict(), dst_node_id=7, message_type="train")
+    dead = Message(Error(code=0, reason="node unavailable"), reply_to=sent)
+    strat = AdapterFedAvg(excluded=lambda n: False)
+    live = _reply("a", REF, 10)
+    sent.metadata.__dict__["_message_id"] = "m7"  # what the grid sets when it pushes
+    dead.metadata.__dict__["_reply_to_message_id"] = "m7"
+    ok, rejected = strat.split_replies(1, [dead, live], REF, {7: "h2"}, {"m7": 7})
+    assert ok == [live]
+    assert "node unavailable" in rejected["h2"]
+    _, anonymous = strat.split_replies(1, [dead], REF, {}, {"m7": 7})
+    assert list(anonymous) == ["node-7"]
