@@ -1,9 +1,12 @@
-"""Benchmark (not a test): one DP-SGD LoRA step vs the same non-private LoRA step.
+"""Benchmark (not a test): one DP-SGD step vs the same non-private step.
 
-Same model, batch and K; K = 1, 4, 8. Prints one JSON line per K and the DP/plain ratio
-(product goal: <= 1.3). Usage::
+``--mode lora`` (default): LoRA adapters only (DP-LoRA); ``--mode full``: every UNet
+parameter (the DPDM-style from-scratch baseline, :mod:`dpfl.shared.dp_full`). Same model,
+batch and K; K = 1, 4, 8. Prints one JSON line per K and the DP/plain ratio (product goal
+for DP-LoRA: <= 1.3). Usage::
 
     python bench/bench_dp_step.py --preset tiny --batch 16 --lora attention --repeats 5
+    python bench/bench_dp_step.py --model models/fmnist-base --mode full --ks 4
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from opacus.optimizers import DPOptimizer
 
 from dpfl.shared.diffusion import expand_draws, row_losses
 from dpfl.shared.dp import physical_step, resolve_device
-from dpfl.shared.lora import LoraSpec, wrap_unet
-from dpfl.shared.models import build_ldm
+from dpfl.shared.dp_full import full_unet
+from dpfl.shared.lora import LoraSpec, trainable_count, wrap_unet
+from dpfl.shared.models import build_ldm, load_ldm
 
 
 def _sync(dev: torch.device) -> None:
@@ -38,14 +42,19 @@ def _time(fn, repeats: int, dev: torch.device) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def bench(preset: str, lora: str, batch: int, k: int, repeats: int, dev: torch.device) -> dict:
-    ldm = build_ldm(preset)
+def bench(preset: str, lora: str, batch: int, k: int, repeats: int, dev: torch.device,
+          mode: str = "lora", model_dir: str | None = None) -> dict:
+    ldm = load_ldm(model_dir) if model_dir else build_ldm(preset)
     ldm.unet.to(dev)
     z = torch.randn(batch, *ldm.latent_shape, device=dev)
     y = torch.randint(0, ldm.spec.num_classes, (batch,), device=dev)
     gen = torch.Generator().manual_seed(0)
 
-    plain = wrap_unet(ldm.unet, LoraSpec(lora)).to(dev).train()
+    def trainee() -> torch.nn.Module:
+        m = full_unet(ldm.unet) if mode == "full" else wrap_unet(ldm.unet, LoraSpec(lora))
+        return m.to(dev).train()
+
+    plain = trainee()
     popt = torch.optim.Adam([p for p in plain.parameters() if p.requires_grad], lr=1e-4)
 
     def plain_step() -> None:
@@ -55,7 +64,7 @@ def bench(preset: str, lora: str, batch: int, k: int, repeats: int, dev: torch.d
         loss.backward()
         popt.step()
 
-    model = wrap_unet(ldm.unet, LoraSpec(lora)).to(dev).train()
+    model = trainee()
     gsm = GradSampleModule(model, loss_reduction="mean")
     params = [p for p in gsm.parameters() if p.requires_grad]
     dopt = DPOptimizer(torch.optim.Adam(params, lr=1e-4), noise_multiplier=1.0,
@@ -68,7 +77,8 @@ def bench(preset: str, lora: str, batch: int, k: int, repeats: int, dev: torch.d
 
     t_plain = _time(plain_step, repeats, dev)
     t_dp = _time(dp_step, repeats, dev)
-    return {"preset": preset, "lora": lora, "batch": batch, "k": k, "device": str(dev),
+    return {"model": model_dir or preset, "mode": mode, "lora": lora if mode == "lora" else None,
+            "trainable": trainable_count(model), "batch": batch, "k": k, "device": str(dev),
             "plain_s": round(t_plain, 5), "dp_s": round(t_dp, 5),
             "ratio": round(t_dp / t_plain, 3), "threads": torch.get_num_threads()}
 
@@ -81,14 +91,21 @@ def main() -> None:
     ap.add_argument("--ks", default="1,4,8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--mode", choices=("lora", "full"), default="lora",
+                    help="train LoRA adapters, or every UNet parameter")
+    ap.add_argument("--model", default=None, help="model directory (instead of --preset)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     dev = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for k in (int(s) for s in args.ks.split(",")):
-        r = bench(args.preset, args.lora, args.batch, k, args.repeats, dev)
+        r = bench(args.preset, args.lora, args.batch, k, args.repeats, dev, args.mode, args.model)
         print(json.dumps(r))
-        print(f"K={k}: DP step {r['dp_s'] * 1e3:.1f} ms vs plain {r['plain_s'] * 1e3:.1f} ms "
-              f"-> ratio {r['ratio']:.2f} (goal <= 1.3)")
+        print(f"{args.mode} K={k}: DP step {r['dp_s'] * 1e3:.1f} ms vs plain "
+              f"{r['plain_s'] * 1e3:.1f} ms -> ratio {r['ratio']:.2f}"
+              + (" (goal <= 1.3)" if args.mode == "lora" else ""))
 
 
 if __name__ == "__main__":

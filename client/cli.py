@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 from dpfl.shared.errors import DpflError
+
+if TYPE_CHECKING:  # imported lazily below: the CLI starts fast
+    from dpfl.client.train import TrainJob
+    from dpfl.shared.dp import DPConfig
 
 CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -76,12 +81,75 @@ def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, o
         click.echo(f"{path}: {len(idx)} images, per class {counts}")
 
 
+def _run_options(run_dir: str, lr: float, physical_batch: int, model_help: str):
+    """The options ``train`` and ``train-full`` share: silo, model, DP-SGD, ledger, grids."""
+    options = [
+        click.option("--data", required=True,
+                     help="Private silo: image folder, .npz, IDX file or fmnist:private."),
+        click.option("--model", "model_dir", required=True, type=click.Path(), help=model_help),
+        click.option("--run-dir", type=click.Path(file_okay=False), default=run_dir),
+        click.option("--limit", type=click.IntRange(min=0), default=0,
+                     help="Use a seeded random subset of this many examples (0: all)."),
+        click.option("--epsilon", type=click.FloatRange(min=0, min_open=True), default=10.0,
+                     help="Target epsilon for sigma calibration (and default budget)."),
+        click.option("--sigma", type=click.FloatRange(min=0), default=None,
+                     help="Noise multiplier; overrides calibration from --epsilon."),
+        click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=1e-5),
+        click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Epsilon budget of the ledger [default: --epsilon]."),
+        click.option("--accountant", type=click.Choice(["rdp", "prv"]), default="rdp"),
+        click.option("--accountant-file", type=click.Path(dir_okay=False), default=None,
+                     help="Privacy ledger [default: RUN_DIR/accountant.json]."),
+        click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     help="Clipping norm C."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256,
+                     help="Expected logical batch."),
+        click.option("--physical-batch", type=click.IntRange(min=1), default=physical_batch,
+                     help="Examples per forward/backward pass (memory grows with it times K)."),
+        click.option("-k", "--noise-multiplicity", type=click.IntRange(min=1), default=4),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr),
+        click.option("--epochs", type=click.IntRange(min=1), default=1),
+        click.option("--planned-steps", type=click.IntRange(min=1), default=None,
+                     help="Steps of the whole planned run for calibration [default: this run's]."),
+        click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1),
+        click.option("--secure-mode/--no-secure-mode", default=False,
+                     help="Secure noise (torchcsprng)."),
+        click.option("--seed", type=int, default=0),
+        click.option("--device", default="auto", help="auto, cpu or cuda[:N]."),
+        click.option("--sample-steps", type=click.IntRange(1, 1000), default=50),
+        click.option("--per-class", type=click.IntRange(1, 64), default=8),
+        click.option("--guidance", type=click.FloatRange(min=0), default=1.0),
+        click.option("--progress/--no-progress", default=True),
+    ]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+def _job_and_dp(o: dict) -> tuple[TrainJob, DPConfig]:
+    """(TrainJob, DPConfig) from the :func:`_run_options` values; raises ConfigError."""
+    from dpfl.client.train import TrainJob
+    from dpfl.shared.dp import DPConfig
+
+    dp = DPConfig(clip=o["clip"], noise_multiplier=o["sigma"], target_epsilon=o["epsilon"],
+                  delta=o["delta"], accountant=o["accountant"], batch_size=o["batch_size"],
+                  max_physical_batch=o["physical_batch"],
+                  noise_multiplicity=o["noise_multiplicity"], lr=o["lr"], epochs=o["epochs"],
+                  planned_steps=o["planned_steps"], cond_drop=o["cond_drop"],
+                  secure_mode=o["secure_mode"], seed=o["seed"], device=o["device"])
+    job = TrainJob(data=o["data"], model=o["model_dir"], run_dir=o["run_dir"], limit=o["limit"],
+                   budget=o["budget"], accountant_file=o["accountant_file"],
+                   sample_steps=o["sample_steps"], per_class=o["per_class"],
+                   guidance=o["guidance"])
+    return job, dp
+
+
 @main.command(context_settings=CTX)
-@click.option("--data", required=True, help="Private silo: image folder, .npz, IDX file or fmnist:private.")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Base model directory.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default="runs/train")
-@click.option("--limit", type=click.IntRange(min=0), default=0,
-              help="Use a seeded random subset of this many examples (0: all).")
+@_run_options("runs/train", lr=1e-3, physical_batch=64, model_help="Base model directory.")
 @click.option("--preset", type=click.Choice(["attention", "attention+proj", "attention+conv"]),
               default="attention", help="Layers that get LoRA adapters.")
 @click.option("--rank", type=click.IntRange(min=1), default=4)
@@ -90,54 +158,48 @@ def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, o
 @click.option("--blocks", default="", help="Comma-separated module prefixes, e.g. up_blocks,mid_block (empty: all).")
 @click.option("--class-embedding/--no-class-embedding", default=True,
               help="Train the class embedding too.")
-@click.option("--epsilon", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              help="Target epsilon for sigma calibration (and default budget).")
-@click.option("--sigma", type=click.FloatRange(min=0), default=None,
-              help="Noise multiplier; overrides calibration from --epsilon.")
-@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5)
-@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Epsilon budget of the ledger [default: --epsilon].")
-@click.option("--accountant", type=click.Choice(["rdp", "prv"]), default="rdp")
-@click.option("--accountant-file", type=click.Path(dir_okay=False), default=None,
-              help="Privacy ledger [default: RUN_DIR/accountant.json].")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0, help="Clipping norm C.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Expected logical batch.")
-@click.option("--physical-batch", type=click.IntRange(min=1), default=64)
-@click.option("-k", "--noise-multiplicity", type=click.IntRange(min=1), default=4)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
-@click.option("--epochs", type=click.IntRange(min=1), default=1)
-@click.option("--planned-steps", type=click.IntRange(min=1), default=None,
-              help="Steps of the whole planned run for calibration [default: this run's].")
-@click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1)
-@click.option("--secure-mode/--no-secure-mode", default=False, help="Secure noise (torchcsprng).")
-@click.option("--seed", type=int, default=0)
-@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
-@click.option("--sample-steps", type=click.IntRange(1, 1000), default=50)
-@click.option("--per-class", type=click.IntRange(1, 64), default=8)
-@click.option("--guidance", type=click.FloatRange(min=0), default=1.0)
-@click.option("--progress/--no-progress", default=True)
-def train(data, model_dir, run_dir, limit, preset, rank, alpha, dropout, blocks, class_embedding,
-          epsilon, sigma, delta, budget, accountant, accountant_file, clip, batch_size,
-          physical_batch, noise_multiplicity, lr, epochs, planned_steps, cond_drop, secure_mode,
-          seed, device, sample_steps, per_class, guidance, progress) -> None:
+def train(preset, rank, alpha, dropout, blocks, class_embedding, **run) -> None:
     """DP-LoRA fine-tuning on one local silo (central mode): writes RUN_DIR with the adapter."""
-    from dpfl.client.train import TrainJob, run_train
-    from dpfl.shared.dp import DPConfig
+    from dpfl.client.train import run_train
     from dpfl.shared.lora import LoraSpec
 
     try:
         lora = LoraSpec(preset=preset, rank=rank, alpha=alpha, dropout=dropout,
                         train_class_embedding=class_embedding,
                         blocks=tuple(b for b in blocks.split(",") if b) or None)
-        dp = DPConfig(clip=clip, noise_multiplier=sigma, target_epsilon=epsilon, delta=delta,
-                      accountant=accountant, batch_size=batch_size,
-                      max_physical_batch=physical_batch, noise_multiplicity=noise_multiplicity,
-                      lr=lr, epochs=epochs, planned_steps=planned_steps, cond_drop=cond_drop,
-                      secure_mode=secure_mode, seed=seed, device=device)
-        job = TrainJob(data=data, model=model_dir, run_dir=run_dir, limit=limit, budget=budget,
-                       accountant_file=accountant_file, sample_steps=sample_steps,
-                       per_class=per_class, guidance=guidance)
-        summary = run_train(job, lora, dp, progress=progress)
+        job, dp = _job_and_dp(run)
+        summary = run_train(job, lora, dp, progress=run["progress"])
+    except DpflError as exc:
+        _fail(exc)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("train-full", context_settings=CTX)
+@_run_options("runs/train-full", lr=3e-4, physical_batch=16,
+              model_help="Base model directory: its public autoencoder, scheduler, class names "
+                         "and UNet architecture (its UNet weights only with --init base).")
+@click.option("--init", type=click.Choice(["scratch", "base"]), default="scratch",
+              help="scratch: a randomly initialised UNet (seeded by --seed), the DPDM "
+                   "baseline; base: the base model's UNet (DP full fine-tuning).")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999,
+              help="EMA of the weights (post-processing, no privacy cost); 0: off.")
+def train_full(init, ema_decay, **run) -> None:
+    """DP-SGD on every UNet parameter (default: from scratch): writes RUN_DIR/model.
+
+    The from-scratch baseline of DPDM (Dockhorn et al., TMLR 2023), next to DP-LoRA: the
+    UNet sees no public data. Protocol difference: DPDM is pixel-space; here the UNet
+    denoises the latents of the base model's public autoencoder (the VAE saw public data,
+    the UNet none). RUN_DIR/model is a whole diffusers-format model (public VAE, DP-trained
+    UNet) that loads like any base model, with model_card.json and privacy.json.
+    Opacus keeps a gradient per row and parameter: about physical-batch x K x 4 bytes per
+    UNet parameter (fmnist UNet: 4.6M parameters, 1.2 GB at 16 x 4).
+    """
+    from dpfl.client.train_full import run_train_full
+
+    try:
+        job, dp = _job_and_dp(run)
+        summary = run_train_full(job, dp, init=init, ema_decay=ema_decay,
+                                 progress=run["progress"])
     except DpflError as exc:
         _fail(exc)
     click.echo(json.dumps(summary, indent=2))

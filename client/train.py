@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dpfl.shared.accountant import PersistentAccountant
+from dpfl.shared.data import ImageSet
 from dpfl.shared.dp import DPConfig, encode_silo, train_lora
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.lora import LoraSpec, load_adapter_state, merged_unet, save_adapter, wrap_unet
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything ``dpfl-client train`` needs besides the LoRA and DP settings.
+    """Everything ``dpfl-client train`` (and ``train-full``) needs besides the LoRA and DP
+    settings.
 
     Attributes:
         data: data source (image folder, .npz, IDX, ``fmnist:private``...).
@@ -67,10 +69,9 @@ class TrainJob:
             raise ConfigError("limit must be >= 0, sample_steps and per_class >= 1, guidance >= 0")
 
 
-def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the job; returns a summary (ε, steps, paths)."""
-    rd = RunDir(job.run_dir)
-    ldm = load_ldm(job.model)
+def open_silo_and_ledger(job: TrainJob, dp: DPConfig, rd: RunDir
+                         ) -> tuple[ImageSet, PersistentAccountant, Path]:
+    """The job's silo (seeded subset when ``job.limit``) and its ledger (opened or created)."""
     ds = load_source(job.data)
     if job.limit and job.limit < len(ds):
         idx = np.random.default_rng(dp.seed).permutation(len(ds))[:job.limit]
@@ -81,6 +82,14 @@ def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True
     acc_path = Path(job.accountant_file) if job.accountant_file else rd / "accountant.json"
     accountant = PersistentAccountant.open(acc_path, kind=dp.accountant, delta=dp.delta,
                                            budget=budget)
+    return ds, accountant, acc_path
+
+
+def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the job; returns a summary (ε, steps, paths)."""
+    rd = RunDir(job.run_dir)
+    ldm = load_ldm(job.model)
+    ds, accountant, acc_path = open_silo_and_ledger(job, dp, rd)
     rd.write_config({"job": dataclasses.asdict(job), "lora": dataclasses.asdict(lora),
                      "dp": dataclasses.asdict(dp)}, examples=len(ds), data=ds.source,
                     base_fingerprint=ldm.card.get("fingerprint"))

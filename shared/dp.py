@@ -1,9 +1,13 @@
-"""DP-SGD for LoRA fine-tuning of the LDM's UNet: stock Opacus plus noise multiplicity.
+"""DP-SGD on the LDM's UNet: stock Opacus plus noise multiplicity, for LoRA adapters
+(:func:`train_lora`) or for every UNet parameter (:func:`dpfl.shared.dp_full.train_full`).
 
 Papers: DPDM (Dockhorn et al., "Differentially Private Diffusion Models", TMLR 2023) for
-noise multiplicity; DP-LDM (Lyu et al., 2024) and DP-LoRA (Tsai et al., 2024) for
-fine-tuning only attention/projection adapters of a public LDM; DP-SGD (Abadi et al., 2016)
-with Poisson sampling as implemented by Opacus (Yousefpour et al., 2021).
+noise multiplicity and for training the whole denoiser from scratch under DP-SGD (the
+baseline in :mod:`dpfl.shared.dp_full`); DP-LDM (Lyu et al., 2024) and DP-LoRA (Tsai et
+al., 2024) for fine-tuning only attention/projection adapters of a public LDM; DP-SGD
+(Abadi et al., 2016) with Poisson sampling as implemented by Opacus (Yousefpour et al.,
+2021). Both modes share one code path (:func:`dp_sgd`): sampling, calibration, the ledger
+commit, the Opacus engine and the step-count check.
 
 Noise multiplicity, done right under stock Opacus: each example of a physical batch becomes
 K rows (:func:`dpfl.shared.diffusion.expand_draws`, example-major), the UNet sees B*K rows,
@@ -14,14 +18,17 @@ gradient is the gradient of that row's loss. Before the optimizer clips, every
 K-draw loss and is clipped *once* at C. (Clipping each row separately would give sensitivity
 K*C with noise sized for C.)
 
-Known Opacus trap: its per-sample conv gradients assume contiguous inputs; LoRA convs get
-channels_last-strided tensors from diffusers' attention blocks. :mod:`dpfl.shared.lora`
-makes every trainable conv's input contiguous.
+Known Opacus trap: its per-sample conv gradients assume contiguous inputs; convs after
+diffusers' attention blocks get channels_last-strided tensors. Every trainable conv's input
+is made contiguous (:func:`dpfl.shared.lora.make_conv_inputs_contiguous`), for LoRA convs
+and, in full training, for every conv of the UNet. Every layer of diffusers'
+``UNet2DModel`` (Conv2d, Linear, GroupNorm, Embedding; attention is Linear + GroupNorm) has
+an Opacus grad sampler, so hooks mode needs no functorch fallback.
 
 Privacy bookkeeping: the steps of a call are committed to the client's
 :class:`~dpfl.shared.accountant.PersistentAccountant` (on disk) *before* training starts, so
-ε is never under-reported, even after a crash. Only the noised, trained adapter tensors leave
-:func:`train_lora`; never per-example gradients or un-noised updates. The reported
+ε is never under-reported, even after a crash. Only the noised, trained tensors leave
+(adapter or UNet state); never per-example gradients or un-noised updates. The reported
 ``mean_loss`` is computed on private data without noise: a local diagnostic, not for sharing.
 """
 
@@ -32,7 +39,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -228,12 +235,11 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 # -- the local job ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainResult:
-    """What :func:`train_lora` returns (nothing per-example, nothing un-noised).
+@dataclass(frozen=True, kw_only=True)
+class DPRunStats:
+    """Privacy and progress figures of one DP-SGD call (nothing per-example, nothing un-noised).
 
     Attributes:
-        adapter: trained adapter tensors (peft state-dict keys), on CPU.
         examples: silo size n.
         steps: DP-SGD steps taken in this call.
         sigma: noise multiplier σ used.
@@ -244,7 +250,6 @@ class TrainResult:
         history: per-step records (step, loss) and per-epoch records (epoch, epsilon).
     """
 
-    adapter: dict[str, torch.Tensor]
     examples: int
     steps: int
     sigma: float
@@ -253,6 +258,14 @@ class TrainResult:
     delta: float
     mean_loss: float
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult(DPRunStats):
+    """What :func:`train_lora` returns: ``adapter``, the trained adapter tensors (peft
+    state-dict keys, on CPU), and the :class:`DPRunStats` fields."""
+
+    adapter: dict[str, torch.Tensor]
 
 
 def encode_silo(ldm: LatentDiffusion, imageset: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +304,13 @@ def _plan(n: int, dp: DPConfig, accountant: PersistentAccountant,
     return q, steps, sigma
 
 
+def check_silo(latents: torch.Tensor, labels: torch.Tensor, dp: DPConfig) -> None:
+    n = int(latents.shape[0])
+    if labels.shape != (n,):
+        raise DataError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    dp.check_dataset(n)
+
+
 def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor, lora: LoraSpec,
                dp: DPConfig, accountant: PersistentAccountant,
                init_adapter: dict[str, torch.Tensor] | None = None,
@@ -300,14 +320,24 @@ def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor
     Commits the call's steps to ``accountant`` (durably) before training; raises
     :class:`~dpfl.shared.errors.BudgetExhausted` if they would exceed its budget.
     """
-    n = int(latents.shape[0])
-    if labels.shape != (n,):
-        raise DataError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    dp.check_dataset(n)
-    dev = resolve_device(dp.device)
-    model = wrap_unet(ldm.unet, lora).to(dev)
+    check_silo(latents, labels, dp)
+    model = wrap_unet(ldm.unet, lora).to(resolve_device(dp.device))
     if init_adapter is not None:
         load_adapter_state(model, init_adapter)
+    stats = dp_sgd(ldm, model, latents, labels, dp, accountant, progress, "DP-LoRA")
+    return TrainResult(adapter=adapter_state(model), **stats)
+
+
+def dp_sgd(ldm: LatentDiffusion, model: torch.nn.Module, latents: torch.Tensor,
+           labels: torch.Tensor, dp: DPConfig, accountant: PersistentAccountant,
+           progress: bool, label: str,
+           after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The one DP-SGD code path of every mode: trains, in place, the parameters of ``model``
+    (already on its device) that require grad; ``after_step`` runs after each logical step's
+    update (e.g. an EMA). Commits the steps to ``accountant`` before the first one and checks
+    that Opacus took exactly that many. Returns the :class:`DPRunStats` fields."""
+    n = int(latents.shape[0])
+    dev = next(model.parameters()).device
     model.train()
     n_train = trainable_count(model)
     # Poisson sampling must be secret too (amplification by subsampling assumes nobody knows
@@ -320,24 +350,28 @@ def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor
     accountant.commit(sigma, q, steps)  # durable before any step is taken
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=dp.lr)
     engine, gsm, opt, dl = make_private(model, optimizer, loader, dp, sigma, dev)
-    log.info("DP-LoRA: n=%d, %d trainable parameters, q=%.5f (expected batch %d), sigma=%.4f, "
-             "C=%g, K=%d, %d steps", n, n_train, q, opt.expected_batch_size, sigma, dp.clip,
-             dp.noise_multiplicity, steps)
-    history = _run(ldm, gsm, opt, dl, dp, steps, progress, prior, sigma, q, accountant)
+    log.info("%s: n=%d, %d trainable parameters, q=%.5f (expected batch %d), sigma=%.4f, "
+             "C=%g, K=%d, %d steps", label, n, n_train, q, opt.expected_batch_size, sigma,
+             dp.clip, dp.noise_multiplicity, steps)
+
+    def epsilon_at(done: int) -> float:
+        return epsilon_of(prior + [(sigma, q, done)], accountant.delta, accountant.kind)
+
+    history = _run(ldm, gsm, opt, dl, dp, steps, progress, epsilon_at, label, after_step)
     taken = sum(h[2] for h in engine.accountant.history)
     if taken != steps:
         raise StateError(f"Opacus took {taken} steps but {steps} were committed to the ledger; "
-                         "refusing to return the adapter")
+                         "refusing to return the trained weights")
     losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
-    return TrainResult(adapter=adapter_state(model), examples=n, steps=steps, sigma=sigma,
-                       sample_rate=q, epsilon=accountant.epsilon(), delta=accountant.delta,
-                       mean_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
-                       history=history)
+    return dict(examples=n, steps=steps, sigma=sigma, sample_rate=q,
+                epsilon=accountant.epsilon(), delta=accountant.delta,
+                mean_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+                history=history)
 
 
 def _run(ldm: LatentDiffusion, gsm, opt: DPOptimizer, dl: DataLoader, dp: DPConfig, steps: int,
-         progress: bool, prior, sigma: float, q: float,
-         accountant: PersistentAccountant) -> list[dict[str, Any]]:
+         progress: bool, epsilon_at: Callable[[int], float], label: str,
+         after_step: Callable[[], None] | None) -> list[dict[str, Any]]:
     dev = next(gsm.parameters()).device
     draw_gen = torch.Generator().manual_seed(dp.seed + 1)
     done: list[int] = []
@@ -350,7 +384,7 @@ def _run(ldm: LatentDiffusion, gsm, opt: DPOptimizer, dl: DataLoader, dp: DPConf
 
     opt.attach_step_hook(count_step)
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=steps, desc="DP-LoRA", disable=not progress)
+    bar = tqdm(total=steps, desc=label, disable=not progress)
     t0, rows, loss_sum = time.time(), 0, 0.0
     with BatchMemoryManager(data_loader=dl, max_physical_batch_size=dp.max_physical_batch,
                             optimizer=opt) as mem_loader:
@@ -364,7 +398,9 @@ def _run(ldm: LatentDiffusion, gsm, opt: DPOptimizer, dl: DataLoader, dp: DPConf
                     rows, loss_sum = rows + z.shape[0], loss_sum + loss * z.shape[0]
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if len(done) > before:  # a logical step ended
+                if len(done) > before:  # a logical step ended (its update is applied)
+                    if after_step is not None:
+                        after_step()
                     rec = {"step": len(done), "epoch": epoch + 1, "examples": rows,
                            "loss": loss_sum / rows if rows else float("nan"),
                            "seconds": round(time.time() - t0, 3)}
@@ -372,7 +408,7 @@ def _run(ldm: LatentDiffusion, gsm, opt: DPOptimizer, dl: DataLoader, dp: DPConf
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     rows, loss_sum = 0, 0.0
-            eps = epsilon_of(prior + [(sigma, q, len(done))], accountant.delta, accountant.kind)
-            history.append({"epoch": epoch + 1, "step": len(done), "epsilon": eps})
+            history.append({"epoch": epoch + 1, "step": len(done),
+                            "epsilon": epsilon_at(len(done))})
     bar.close()
     return history

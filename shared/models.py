@@ -243,6 +243,17 @@ def build_ldm(preset: str, seed: int = 0, class_names: tuple[str, ...] | None = 
     return LatentDiffusion(vae, unet, scheduler, spec, card={"preset": preset, "seed": seed})
 
 
+def fresh_unet(unet: UNet2DModel, seed: int = 0) -> UNet2DModel:
+    """A randomly initialised UNet with exactly ``unet``'s architecture (built from its
+    config, so it fits any loaded model, ours or another diffusers one), on the CPU, fp32.
+
+    The initialisation depends only on ``seed`` and leaves torch's global RNG as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return type(unet).from_config(unet.config)
+
+
 def save_ldm(ldm: LatentDiffusion, path: str | Path, card: dict[str, Any] | None = None) -> Path:
     """Write ``ldm`` as a diffusers-format directory with its spec and model card."""
     path = Path(path)

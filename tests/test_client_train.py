@@ -1,9 +1,11 @@
-"""``dpfl-client train`` end to end on a tiny model: run directory, ledger, restart."""
+"""``dpfl-client train`` and ``train-full`` end to end on a tiny model: run directory, ledger,
+restart, the whole-model output of full training."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dpfl.client.cli import main
@@ -68,3 +70,68 @@ def test_train_refuses_over_budget(setup, tmp_path):
         "--per-class", "1"])
     assert res.exit_code != 0 and "budget" in res.output
     assert not (tmp_path / "r" / "adapter").exists()
+
+
+def _train_full(setup, run, *extra):
+    args = ["train-full", "--data", str(setup / "silo.npz"), "--model", str(setup / "base"),
+            "--run-dir", str(run), "--epsilon", "8", "--delta", "1e-3", "--batch-size", "10",
+            "--physical-batch", "5", "-k", "2", "--planned-steps", "8", "--sample-steps", "2",
+            "--per-class", "1", "--device", "cpu", "--no-progress", *extra]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return json.JSONDecoder().raw_decode(res.output[res.output.index("{\n"):])[0]
+
+
+def _arch(unet):
+    return {k: v for k, v in unet.config.items() if not k.startswith("_")}
+
+
+def test_train_full_from_scratch_writes_a_loadable_model(setup, tmp_path):
+    from dpfl.shared.export_privacy import PrivacyGuarantee
+    from dpfl.shared.models import fingerprint_modules, fresh_unet, load_ldm
+
+    run = tmp_path / "run"
+    out = _train_full(setup, run, "--seed", "3")
+    for name in ("config.json", "metrics.jsonl", "samples_before.png", "samples_after.png",
+                 "accountant.json", "model/model_index.json", "model/unet/config.json",
+                 "model/vae/diffusion_pytorch_model.safetensors", "model/privacy.json"):
+        assert (run / name).exists(), name
+    assert not (run / "model.partial").exists()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len([m for m in metrics if "loss" in m and "final" not in m]) == out["steps"] == 4
+    ledger = PersistentAccountant.load(run / "accountant.json")
+    assert metrics[-1]["epsilon"] == pytest.approx(ledger.epsilon()) == \
+        pytest.approx(out["epsilon"])
+    assert 0 < ledger.epsilon() < 8
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["mode"] == "full" and cfg["config"]["init"] == "scratch"
+    assert "public autoencoder" in cfg["protocol"]
+
+    base, model = load_ldm(setup / "base"), load_ldm(run / "model")
+    assert model.card["fingerprint"] == out["fingerprint"] == model.fingerprint()
+    assert fingerprint_modules({"vae": model.vae}) == fingerprint_modules({"vae": base.vae}) \
+        == model.card["autoencoder"]["fingerprint"]
+    assert model.spec == base.spec and _arch(model.unet) == _arch(base.unet)
+    start = fresh_unet(base.unet, 3).state_dict()
+    for name, p in model.unet.named_parameters():
+        assert not torch.equal(p, start[name]) and not torch.equal(p, base.unet.state_dict()[name])
+    guarantee = PrivacyGuarantee.from_file(run / "model" / "privacy.json")
+    assert guarantee.status == "stated" and guarantee.accountant == "rdp"
+    assert guarantee.epsilon == pytest.approx(ledger.epsilon()) and guarantee.delta == 1e-3
+    assert model.card["privacy"]["epsilon"] == pytest.approx(ledger.epsilon())
+
+    again = _train_full(setup, run, "--seed", "3")  # same ledger: epsilon accumulates
+    assert again["epsilon"] > out["epsilon"]
+    assert PersistentAccountant.load(run / "accountant.json").steps == 8
+    assert load_ldm(run / "model").card["privacy"]["steps"] == 8
+
+
+def test_train_full_refuses_over_budget_and_writes_no_model(setup, tmp_path):
+    res = CliRunner().invoke(main, [
+        "train-full", "--data", str(setup / "silo.npz"), "--model", str(setup / "base"),
+        "--run-dir", str(tmp_path / "r"), "--sigma", "0.2", "--budget", "1", "--delta", "1e-3",
+        "--batch-size", "10", "--device", "cpu", "--no-progress", "--sample-steps", "1",
+        "--per-class", "1"])
+    assert res.exit_code != 0 and "budget" in res.output
+    assert not (tmp_path / "r" / "model").exists()
+    assert PersistentAccountant.load(tmp_path / "r" / "accountant.json").steps == 0
