@@ -1,0 +1,286 @@
+"""The standard privacy-utility experiment, end to end: train, evaluate, report, tabulate.
+
+Fashion-MNIST with dpfl's standard split (public = half of classes 0-4, which trained the
+shipped base model; private = the other 45,000 training images; test = the 10,000 test
+images). One *setting* per call:
+
+``federated``  3 simulated hospitals, non-IID (Dirichlet 0.5) silos of the private data, DP-LoRA
+               with every site at the given ε (global record-level ε = max over sites)
+``central``    one silo holding the same private images, DP-LoRA at the given ε
+``scratch``    the whole UNet trained from random initialisation under DP-SGD on the same
+               images (DPDM-style, no public pretraining of the denoiser)
+``floor``      the public base model's samples, no fine-tuning (ε = 0: private data untouched)
+``ceiling``    the same CNN trained on real private images (no privacy: ε = ∞)
+
+Each run directory gets ``evaluation/evaluation.json`` (:mod:`dpfl.shared.evaluate`), the run
+report (``report/report.html``) and ``row.json``; the parent folder collects every row in
+``results.jsonl`` and renders ``results.md``, the table ``docs/results.md`` quotes.
+
+Presets set the size: ``tiny`` (seconds of DP training, for tests), ``cpu`` (minutes on 2 CPU
+cores), ``full`` (the paper-size protocol: 60,000 synthetic images; meant for a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpfl.shared.errors import ConfigError
+from dpfl.shared.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from dpfl.shared.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER = "eval-classifier"  # one public-data classifier per base model: comparable FDs
+SETTINGS = ("federated", "central", "scratch", "floor", "ceiling")
+
+
+@dataclass(frozen=True)
+class ExperimentPreset:
+    """Sizes of one experiment (every setting of a preset uses the same data and evaluation).
+
+    Attributes:
+        max_examples: private images used in total (0: all 45,000).
+        num_sites: hospitals of the federated setting.
+        rounds, local_epochs: federated rounds and local epochs per round; the central and
+            scratch settings train ``rounds * local_epochs`` epochs, the same passes over data.
+        batch_size, noise_multiplicity, clip, lr, lora_preset, lora_rank: DP-LoRA settings.
+        scratch_lr: learning rate of the from-scratch baseline.
+        per_class, sample_steps, guidance: synthetic evaluation set (class-balanced).
+        eval_epochs: downstream CNN epochs; classifier_epochs: the public domain classifier's.
+        test_limit: evaluate on the first N test images (0: all 10,000).
+    """
+
+    max_examples: int
+    num_sites: int = 3
+    rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 128
+    noise_multiplicity: int = 2
+    clip: float = 1.0
+    lr: float = 5e-3
+    lora_preset: str = "attention+proj"
+    lora_rank: int = 8
+    scratch_lr: float = 3e-4
+    per_class: int = 200
+    sample_steps: int = 20
+    guidance: float = 1.0
+    eval_epochs: int = 10
+    classifier_epochs: int = 10
+
+
+PRESETS: dict[str, ExperimentPreset] = {
+    "tiny": ExperimentPreset(max_examples=600, rounds=1, batch_size=64, noise_multiplicity=1,
+                             lora_rank=4, per_class=10, sample_steps=4, eval_epochs=2,
+                             classifier_epochs=1),
+    "cpu": ExperimentPreset(max_examples=4500, rounds=3, local_epochs=2),
+    "full": ExperimentPreset(max_examples=0, rounds=10, local_epochs=3, batch_size=512,
+                             noise_multiplicity=8, per_class=6000, sample_steps=50,
+                             eval_epochs=20),
+}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of the results table."""
+
+    setting: str
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    preset: str = "cpu"
+    base_model: str = "models/fmnist-base"
+    out: str = "runs/experiments"
+    seed: int = 0
+    device: str = "auto"
+    classifier_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.setting in ("federated", "central", "scratch") and not self.epsilon > 0:
+            raise ConfigError(f"epsilon must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+
+    @property
+    def sizes(self) -> ExperimentPreset:
+        return PRESETS[self.preset]
+
+    @property
+    def private(self) -> bool:
+        return self.setting in ("federated", "central", "scratch")
+
+    @property
+    def name(self) -> str:
+        eps = f"-eps{self.epsilon:g}" if self.private else ""
+        return f"{self.setting}{eps}-{self.preset}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+
+def machine() -> str:
+    """What the numbers were measured on, in words."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    words = f"{os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        words += f", GPU {torch.cuda.get_device_name(0)}"
+    return words
+
+
+def _eval_config(exp: Experiment, **kw: Any):
+    from dpfl.shared.evaluate import EvalConfig
+
+    s = exp.sizes
+    return EvalConfig(per_class=s.per_class, steps=s.sample_steps, guidance=s.guidance,
+                      seed=exp.seed, epochs=s.eval_epochs, classifier_epochs=s.classifier_epochs,
+                      classifier_dir=exp.classifier_dir or str(Path(exp.base_model) / CLASSIFIER),
+                      device=exp.device, **kw)
+
+
+def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from dpfl.server.ledger import PrivacyLedger
+    from dpfl.server.simulate import SimulationSetup, simulate
+    from dpfl.shared.fedconfig import FedConfig
+
+    s = exp.sizes
+    cfg = FedConfig(base_model=exp.base_model, run_dir=str(run), num_rounds=s.rounds,
+                    local_epochs=s.local_epochs, batch_size=s.batch_size,
+                    noise_multiplicity=s.noise_multiplicity, clip=s.clip, lr=s.lr,
+                    target_epsilon=exp.epsilon, lora_preset=s.lora_preset, lora_rank=s.lora_rank,
+                    lora_alpha=2.0 * s.lora_rank, seed=exp.seed,
+                    min_available_nodes=s.num_sites, sample_every=s.rounds,
+                    sample_steps=s.sample_steps)
+    setup = SimulationSetup(data=f"fmnist:private@{exp.seed}", num_sites=s.num_sites,
+                            scheme="dirichlet", alpha=0.5, max_examples=s.max_examples,
+                            epsilon_budget=exp.epsilon, delta=exp.delta, seed=exp.seed)
+    simulate(cfg, setup)
+    eps, delta = PrivacyLedger.load_or_create(run / "ledger.json").global_guarantee()
+    return ({"epsilon": eps, "delta": delta},
+            {"model": exp.base_model, "adapter": str(run / "adapter")})
+
+
+def _central(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from dpfl.client.train import TrainJob, run_train
+    from dpfl.shared.dp import DPConfig
+    from dpfl.shared.lora import LoraSpec
+
+    s = exp.sizes
+    job = TrainJob(data=f"fmnist:private@{exp.seed}", model=exp.base_model, run_dir=str(run),
+                   limit=s.max_examples, sample_steps=s.sample_steps)
+    lora = LoraSpec(preset=s.lora_preset, rank=s.lora_rank, alpha=2.0 * s.lora_rank)
+    dp = DPConfig(target_epsilon=exp.epsilon, delta=exp.delta, batch_size=s.batch_size,
+                  max_physical_batch=min(256, s.batch_size),
+                  noise_multiplicity=s.noise_multiplicity, clip=s.clip, lr=s.lr,
+                  epochs=s.rounds * s.local_epochs, seed=exp.seed, device=exp.device)
+    out = run_train(job, lora, dp)
+    return ({"epsilon": out["epsilon"], "delta": out["delta"]},
+            {"model": exp.base_model, "adapter": out["adapter"]})
+
+
+def _scratch(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from dpfl.client.train import TrainJob
+    from dpfl.client.train_full import run_train_full
+    from dpfl.shared.dp import DPConfig
+
+    s = exp.sizes
+    job = TrainJob(data=f"fmnist:private@{exp.seed}", model=exp.base_model, run_dir=str(run),
+                   limit=s.max_examples, sample_steps=s.sample_steps)
+    dp = DPConfig(target_epsilon=exp.epsilon, delta=exp.delta, batch_size=s.batch_size,
+                  max_physical_batch=min(16, s.batch_size),
+                  noise_multiplicity=s.noise_multiplicity, clip=s.clip, lr=s.scratch_lr,
+                  epochs=s.rounds * s.local_epochs, seed=exp.seed, device=exp.device)
+    out = run_train_full(job, dp, init="scratch")
+    return ({"epsilon": out["epsilon"], "delta": out["delta"]}, {"model": out["model"]})
+
+
+def run_experiment(exp: Experiment, command: str | None = None) -> dict[str, Any]:
+    """Train (per setting), evaluate, write the report and the row; returns the row."""
+    from dpfl.shared.evaluate import evaluate
+    from dpfl.shared.report import try_write_report
+
+    run = exp.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    s = exp.sizes
+    trainers = {"federated": _federated, "central": _central, "scratch": _scratch}
+    if exp.private:
+        privacy, gen = trainers[exp.setting](exp, run)
+    else:  # nothing trains: the configuration is the whole run
+        RunDir(run).write_config(exp, sizes=dataclasses.asdict(s))
+        if exp.setting == "floor":
+            privacy, gen = {"epsilon": 0.0, "delta": 0.0}, {"model": exp.base_model}
+        else:
+            privacy = {"epsilon": float("inf"), "delta": 0.0}
+            gen = {"train_real": f"fmnist:private@{exp.seed}", "train_per_class": s.per_class}
+    trained = time.perf_counter() - start
+    record = evaluate(_eval_config(exp, **gen), run / "evaluation")
+    try_write_report(run)
+    row = {"name": exp.name, "setting": exp.setting, "preset": exp.preset,
+           "epsilon": privacy["epsilon"], "delta": privacy["delta"],
+           "target_epsilon": exp.epsilon if exp.private else None,
+           "accuracy": record["downstream"]["accuracy"], "domain_fd": record["domain"]["fd"],
+           "precision": record["domain"]["precision"], "recall": record["domain"]["recall"],
+           "fid": record["fid"]["value"] if record.get("fid") else None,
+           "synthetic_per_class": s.per_class if exp.setting != "ceiling" else None,
+           "train_seconds": round(trained, 1),
+           "total_seconds": round(time.perf_counter() - start, 1),
+           "machine": machine(),
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": command or "", "sizes": dataclasses.asdict(s), "run_dir": str(run)}
+    atomic_write_json(run / "row.json", row)
+    append_jsonl(Path(exp.out) / "results.jsonl", row)
+    atomic_write_text(Path(exp.out) / "results.md", results_table(read_jsonl(
+        Path(exp.out) / "results.jsonl")))
+    return row
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v == float("inf"):
+        return "∞"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of result rows (latest row per name)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        latest[r["name"]] = r
+    lines = ["| setting | preset | ε | δ | accuracy | domain FD | precision | recall | FID | "
+             "samples/class | wall time | machine | date | command |",
+             "|" + "---|" * 14]
+    for r in latest.values():
+        lines.append("| " + " | ".join([
+            r["setting"], r["preset"], _fmt(r["epsilon"], ".2f"), _fmt(r["delta"], ".0e"),
+            _fmt(100 * r["accuracy"], ".1f") + " %", _fmt(r["domain_fd"], ".2f"),
+            _fmt(r["precision"], ".2f"), _fmt(r["recall"], ".2f"), _fmt(r["fid"], ".1f"),
+            _fmt(r["synthetic_per_class"], "d"), f"{r['total_seconds'] / 60:.1f} min",
+            r["machine"], r["date"][:10], f"`{r['command']}`"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["dpfl-server", *sys.argv[1:]])
+
+
+def load_rows(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / "results.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+

@@ -1,0 +1,73 @@
+"""`dpfl-server experiment` end to end at the tiny preset on the real Fashion-MNIST split and
+the shipped base model: DP-LoRA training, evaluation, report, and the results table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpfl.shared.accountant import PersistentAccountant
+from dpfl.shared.fmnist import fashion_mnist_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    not (ROOT / "models" / "fmnist-base" / "model_index.json").exists(),
+    reason="needs the shipped base model models/fmnist-base")
+
+
+def _experiment(out: Path, *args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dpfl.server.cli", "experiment", "--preset",
+                           "tiny", "--out", str(out), "--classifier-dir", str(out / "clf"),
+                           "--threads", "1", "--device", "cpu", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    fashion_mnist_dir()  # a clear error if the data package is missing
+    out = tmp_path_factory.mktemp("experiments")
+    _experiment(out, "--setting", "central", "--epsilon", "2")
+    _experiment(out, "--setting", "floor")
+    return out
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_private_row_reports_the_accountants_epsilon_within_target(table):
+    central = next(r for r in _rows(table) if r["setting"] == "central")
+    run = Path(central["run_dir"])
+    own = PersistentAccountant.load(run / "accountant.json")
+    assert central["epsilon"] == pytest.approx(own.epsilon()) and 0 < own.epsilon() <= 2.0
+    assert central["delta"] == 1e-5 and central["target_epsilon"] == 2.0
+    evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    assert central["accuracy"] == evaluation["downstream"]["accuracy"]
+    assert evaluation["generator"]["adapter"] == str(run / "adapter")
+    assert evaluation["train_set"]["per_class"] == [10] * 10  # class-balanced samples
+    assert evaluation["test_set"]["size"] == 10_000  # the real Fashion-MNIST test set
+
+
+def test_floor_row_spends_nothing_and_table_holds_both(table):
+    rows = {r["setting"]: r for r in _rows(table)}
+    assert set(rows) == {"central", "floor"}
+    assert rows["floor"]["epsilon"] == 0.0
+    assert not (Path(rows["floor"]["run_dir"]) / "accountant.json").exists()
+    md = (table / "results.md").read_text()
+    assert md.count("| central | tiny |") == 1 and md.count("| floor | tiny |") == 1
+    for r in rows.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["domain_fd"] >= 0
+        assert "dpfl-server experiment" in r["command"] and r["machine"]
+
+
+def test_each_run_has_a_report_with_its_evaluation(table):
+    for r in _rows(table):
+        html = (Path(r["run_dir"]) / "report" / "report.html").read_text()
+        assert "evaluation" in html.lower() and f"{r['accuracy']:.4f}"[:5] in html
