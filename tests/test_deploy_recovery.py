@@ -15,16 +15,11 @@ from .deploy_harness import ROOT, Harness, cli, env, free_port, wait_for
 from .test_deploy import SITES, _join
 from .test_federation import _silo
 
-pytestmark = pytest.mark.skip(
-    reason="open: after SIGKILL of one SuperNode mid-round the ServerApp did not finish round 1 "
-           "within 400 s although round-timeout=200 (flwr 1.41 HttpGrid.send_and_receive "
-           "timeout vs. a dead node not yet diagnosed); the restart half never ran")
-
 
 def _submit(pki, coord, port, base, run_dir):
     sets = {"base-model": base, "run-dir": run_dir, "num-rounds": 2, "batch-size": 16,
             "noise-multiplicity": 2, "target-epsilon": 4.0, "min-available-nodes": 2,
-            "sample-steps": 2, "lr": 5e-3, "round-timeout": 200}
+            "sample-steps": 2, "lr": 5e-3, "round-timeout": 150}
     return cli("server", "run", "--pki", str(pki), "--state-dir", str(coord), "--superlink",
                f"127.0.0.1:{port}", "--timeout", "900",
                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
@@ -65,8 +60,9 @@ def recovery(tmp_path_factory):
         out["ledger_r1"] = json.loads((run_dir / "ledger.json").read_text())
         for name in ("run1", "coordinator"):  # crash the coordinator: SIGKILL everything
             h.kill(name)
-        for line in h.leftovers():
-            if "flower-superlink" in line or "flwr-serverapp" in line or "superexec" in line:
+        for line in h.leftovers():  # the coordinator's detached children, not the sites'
+            if ("flower-superlink" in line or "serverapp" in line
+                    or ("superexec" in line and f":{port} " in line + " ")):
                 subprocess.run(["kill", "-9", line.split(":")[0]], check=False)
         out["round_at_crash"] = _checkpoint_round(run_dir)
         h.start("coordinator2", serve)
@@ -81,8 +77,11 @@ def recovery(tmp_path_factory):
 def test_killed_site_round_completes_with_the_others(recovery):
     r1 = recovery["ledger_r1"]["rounds"][0]
     assert {"site-0", "site-1"} <= set(r1["sites"])
-    if "site-2" not in r1["sites"]:  # killed before it could reply: recorded as unanswered
-        assert any("unanswered" in k for k in r1["rejected"]), r1
+    if "site-2" not in r1["sites"]:  # killed before it could reply: no reply, or the
+        # SuperLink's error reply for the dead node; either way one rejection on record
+        assert len(r1["rejected"]) == 1, r1
+        (reason,) = r1["rejected"].values()
+        assert "no reply" in reason or "client error" in reason, r1
 
 
 def test_restarted_coordinator_resumes_at_round_two(recovery):
