@@ -68,17 +68,35 @@ class Harness:
     def leftovers(self) -> list[str]:
         """flwr/dpfl processes still alive whose FLWR_HOME or command names our directory."""
         mine = str(self.tmp)
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            home = [e for e in environ if e.startswith(b"FLWR_HOME=")]
-            if (home and mine in home[0].decode(errors="replace")) or mine.encode() in cmdline:
-                found.append(f"{pid}: {cmdline.decode(errors='replace')[:200]}")
-        return found
+        return [f"{pid}: {cmd[:200]}" for pid, home, cmd in _processes()
+                if mine in home or mine in cmd]
+
+    def crash(self, names: list[str], home: Path) -> int:
+        """SIGKILL the process groups of ``names`` and every process whose FLWR_HOME lies
+        under ``home`` (their detached children), as a power cut would; returns how many
+        processes were killed. Repeated until none is left (a dying parent may still fork)."""
+        for name in names:
+            if name in self.procs:
+                self.kill(name)
+        killed, home_s = 0, str(home)
+        for _ in range(5):
+            found = [pid for pid, h, _cmd in _processes() if h.startswith(home_s)]
+            if not found:
+                break
+            for pid in found:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        for name in names:
+            if name in self.procs:
+                try:
+                    self.procs[name].wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        return killed
 
     def stop_all(self) -> list[str]:
         """Stop every process; returns what was still alive afterwards (then kills it)."""
@@ -92,6 +110,19 @@ class Harness:
             except ProcessLookupError:
                 pass
         return left
+
+
+def _processes():
+    """(pid, FLWR_HOME or "", command line) of every process we may read."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        home = next((e[len(b"FLWR_HOME="):] for e in environ if e.startswith(b"FLWR_HOME=")),
+                    b"")
+        yield int(pid), home.decode(errors="replace"), cmdline.decode(errors="replace")
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5) -> None:
