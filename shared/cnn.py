@@ -8,7 +8,7 @@ slice of the *training* set (``val_fraction``), or the last epoch when that is 0
 
 The same network, trained once on public data only, gives the feature space of the domain
 Fréchet distance and of precision/recall (:mod:`dpfl.shared.fid`); its penultimate layer
-(after the first fully connected layer) is the feature vector.
+(the first fully connected layer, before its ReLU) is the feature vector.
 
 Saved as ``classifier.safetensors`` (weights) + ``classifier.json`` (architecture, classes,
 how it was trained) in one folder; nothing is pickled.
@@ -72,7 +72,8 @@ class CNNConfig:
 
 
 class SmallCNN(nn.Module):
-    """3 conv + 2 FC; :meth:`features` is the penultimate layer."""
+    """3 conv + 2 FC; :meth:`features` is the penultimate layer before its ReLU (after it,
+    units that are dead on the whole domain would make every feature covariance singular)."""
 
     def __init__(self, cfg: CNNConfig):
         super().__init__()
@@ -82,8 +83,9 @@ class SmallCNN(nn.Module):
             nn.Conv2d(cfg.in_channels, a, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(b, c, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(c * 16, cfg.hidden), nn.ReLU())
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.num_classes))
+            nn.Linear(c * 16, cfg.hidden))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(cfg.dropout),
+                                  nn.Linear(cfg.hidden, cfg.num_classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

@@ -83,16 +83,18 @@ def synthetic_set(ldm: LatentDiffusion, per_class: int, steps: int = 25, guidanc
                                              f"guidance {guidance}, seed {seed}")
 
 
-def balanced_subset(data: ImageSet, limit: int, seed: int = 0) -> ImageSet:
-    """At most ``limit`` images (0: all), a seeded random draw keeping the class proportions."""
-    if not limit or limit >= len(data):
+def balanced_subset(data: ImageSet, per_class: int, seed: int = 0) -> ImageSet:
+    """At most ``per_class`` images of each class (0: all), a seeded random draw. A real set
+    the size and balance of a synthetic one makes distances and accuracy comparable."""
+    if not per_class:
         return data
     rng = np.random.default_rng(seed)
     keep = []
     for c in np.unique(data.labels):
         idx = np.flatnonzero(data.labels == c)
-        keep.append(rng.choice(idx, int(round(limit * len(idx) / len(data))), replace=False))
-    return data.subset(np.sort(np.concatenate(keep)), source=f"{data.source} (subset of {limit})")
+        keep.append(rng.choice(idx, min(per_class, len(idx)), replace=False))
+    return data.subset(np.sort(np.concatenate(keep)),
+                       source=f"{data.source} (at most {per_class}/class, seed {seed})")
 
 
 # -- downstream accuracy ---------------------------------------------------------------------
@@ -202,8 +204,8 @@ class EvalConfig:
             ``train_real`` is given.
         adapter: peft adapter directory merged into the model's UNet (optional).
         train_real: a real data source evaluated instead of samples (the non-private ceiling).
-        train_limit: with ``train_real``, use a class-proportional seeded subset of this size
-            (0: all).
+        train_per_class: with ``train_real``, use at most this many images of each class, a
+            seeded draw (0: all).
         per_class: samples per class (>= 1, default 200).
         steps: DDIM steps (>= 1, default 25); guidance: classifier-free guidance (>= 0, 1 =
             plain conditional sampling).
@@ -224,7 +226,7 @@ class EvalConfig:
     model: str | None = None
     adapter: str | None = None
     train_real: str | None = None
-    train_limit: int = 0
+    train_per_class: int = 0
     per_class: int = 200
     steps: int = 25
     guidance: float = 1.0
@@ -247,9 +249,9 @@ class EvalConfig:
         if self.adapter is not None and self.model is None:
             raise ConfigError("an adapter needs the base model it belongs to (model)")
         if min(self.per_class, self.steps, self.batch_size, self.epochs, self.k,
-               self.classifier_epochs) < 1 or self.train_limit < 0 or self.guidance < 0:
+               self.classifier_epochs) < 1 or self.train_per_class < 0 or self.guidance < 0:
             raise ConfigError("per_class, steps, batch_size, epochs, classifier_epochs and k must "
-                              "be >= 1; train_limit and guidance >= 0")
+                              "be >= 1; train_per_class and guidance >= 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
 
@@ -287,7 +289,7 @@ def _training_set(cfg: EvalConfig, device: str, out: Path, progress: bool,
                   record: dict[str, Any]) -> ImageSet:
     if cfg.train_real is not None:
         record["kind"] = "real"
-        return balanced_subset(load_source(cfg.train_real), cfg.train_limit, cfg.seed)
+        return balanced_subset(load_source(cfg.train_real), cfg.train_per_class, cfg.seed)
     model = str(cfg.model)  # EvalConfig guarantees exactly one of model / train_real
     record["kind"] = "synthetic"
     ldm = load_generator(model, cfg.adapter, device)

@@ -209,8 +209,10 @@ def test_cli_evaluates_a_tiny_model_end_to_end(setup, tmp_path):
                                 "--per-class", "2", "--steps", "1")
     assert with_adapter["generator"]["adapter"].endswith("adapter")
     assert with_adapter["generator"]["privacy"]["status"] == "unknown"
-    _, real = _evaluate(setup, tmp_path / "real", "--train-real", str(setup / "test.npz"))
+    _, real = _evaluate(setup, tmp_path / "real", "--train-real", str(setup / "test.npz"),
+                        "--train-per-class", "4")
     assert real["kind"] == "real" and real["grid"] is None
+    assert real["train_set"]["per_class"] == [4] * 10
     assert not (tmp_path / "real" / "samples.npz").exists()
 
 
