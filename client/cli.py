@@ -233,13 +233,14 @@ def train_full(init, ema_decay, **run) -> None:
 def join(superlink: str, ca_cert: str, node_key: str, runtime_port: int,
          max_wait_time: float, **site) -> None:
     """Join a federation: a SuperNode serving this site's DP training (runs until stopped)."""
-    from dpfl.client.deploy import SiteNode, run_node
+    from dpfl.client.deploy import SiteNode, preflight, run_node
     from dpfl.shared.fedconfig import SiteConfig
 
     try:
         node = SiteNode(site=SiteConfig(**site), superlink=superlink, ca_cert=Path(ca_cert),
                         node_key=Path(node_key), runtime_port=runtime_port,
                         max_wait_time=max_wait_time)
+        preflight(node)  # certificates, keys and state directory, before any process starts
     except DpflError as exc:
         _fail(exc)
     raise SystemExit(run_node(node))

@@ -20,9 +20,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpfl.shared.certs import check_ca_certificate, check_node_private_key, check_superlink
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.fedconfig import SiteConfig
 from dpfl.shared.flwrproc import flwr_bin, flwr_env
+from dpfl.shared.io import ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,13 @@ class SiteNode:
     max_wait_time: float = 0.0
 
     def __post_init__(self) -> None:
-        if ":" not in self.superlink:
-            raise ConfigError(f"superlink must be host:port, got {self.superlink!r}")
-        for what, path in (("CA certificate", self.ca_cert), ("node key", self.node_key)):
-            if not Path(path).is_file():
-                raise ConfigError(f"{what} {path} does not exist (the coordinator's "
-                                  "'dpfl-server certs' writes both)")
+        host, _, port = self.superlink.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"superlink must be host:port with a port in 1..65535, got "
+                              f"{self.superlink!r}")
+        # file formats and dates now, not as a handshake failure once the SuperNode runs
+        check_ca_certificate(self.ca_cert)
+        check_node_private_key(self.node_key)
         if not 0 < self.runtime_port < 65536:
             raise ConfigError(f"runtime port must be in 1..65535, got {self.runtime_port}")
         if self.max_wait_time < 0:
@@ -95,6 +98,16 @@ class SiteNode:
         if self.max_wait_time:
             cmd += ["--max-wait-time", str(self.max_wait_time)]
         return cmd
+
+
+def preflight(node: SiteNode, timeout: float = 5.0) -> None:
+    """Checks before the SuperNode starts: the state directory is usable, and, when the
+    coordinator already answers, its certificate is signed by the CA, within its dates and
+    issued for the address dialled (:class:`ConfigError` / :class:`StateError` naming them)."""
+    ensure_dir(node.site.state_dir, f"state directory of site {node.site.site_id}")
+    if not check_superlink(node.superlink, node.ca_cert, timeout):
+        log.info("coordinator %s not reachable yet; the SuperNode will keep trying",
+                 node.superlink)
 
 
 def start_node(node: SiteNode, log_file: Path | None = None) -> subprocess.Popen:

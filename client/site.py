@@ -21,14 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from dpfl.shared.accountant import PersistentAccountant
 from dpfl.shared.dp import DPConfig, encode_silo, train_lora
-from dpfl.shared.errors import BudgetExhausted, ModelError
+from dpfl.shared.errors import BudgetExhausted, DataError, IncompatibleAdapter, ModelError
 from dpfl.shared.fedconfig import RoundPlan, SiteConfig
-from dpfl.shared.io import atomic_write_bytes
+from dpfl.shared.io import atomic_write_bytes, ensure_dir
 from dpfl.shared.lora import spec_for_plan
 from dpfl.shared.models import LatentDiffusion, load_ldm
 from dpfl.shared.sources import load_source
@@ -36,13 +37,37 @@ from dpfl.shared.sources import load_source
 log = logging.getLogger(__name__)
 
 
+def check_proposal(global_adapter: dict[str, np.ndarray], ldm: LatentDiffusion) -> None:
+    """Refuse a proposed adapter larger than the UNet it adapts (no LoRA layout is): an
+    oversized message is not trained on. Exact keys and shapes are checked when it loads."""
+    size = sum(int(np.asarray(v).size) for v in global_adapter.values())
+    limit = sum(p.numel() for p in ldm.unet.parameters())
+    if size > limit:
+        raise IncompatibleAdapter(f"the proposed adapter has {size:,} values in "
+                                  f"{len(global_adapter)} tensors, more than the base UNet's "
+                                  f"{limit:,} parameters; refusing to train on it")
+
+
+def _read_cache(cache: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cached (latents, labels), or None (with a warning) when the cache is unusable: it is
+    derived from the silo by the public encoder, so it is rebuilt, never trusted."""
+    try:
+        t = load_tensors(cache.read_bytes())
+        z, y = t["latents"], t["labels"]
+        if z.ndim != 4 or tuple(y.shape) != (z.shape[0],) or z.shape[0] == 0:
+            raise ValueError(f"latents {tuple(z.shape)}, labels {tuple(y.shape)}")
+        return z, y
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        log.warning("latent cache %s is unreadable (%s); encoding the silo again", cache, exc)
+        return None
+
+
 class Site:
     """A site's persistent state lives in ``cfg.state_dir``; this object only caches it."""
 
     def __init__(self, cfg: SiteConfig):
         self.cfg = cfg
-        self.state_dir = Path(cfg.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = ensure_dir(cfg.state_dir, f"state directory of site {cfg.site_id}")
         self._ldm: LatentDiffusion | None = None
         self._silo: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -64,9 +89,8 @@ class Site:
             return self._silo
         cache = self.state_dir / f"latents-{ldm.card['verified'].split(':')[-1][:16]}.safetensors"
         if cache.exists():
-            t = load_file(cache)
-            self._silo = (t["latents"], t["labels"])
-        else:
+            self._silo = _read_cache(cache)
+        if self._silo is None:
             data = load_source(self.cfg.data)
             z, y = encode_silo(ldm, data)
             # atomic: a site killed while writing must not find a torn cache on restart
@@ -74,6 +98,18 @@ class Site:
                                                     "labels": y.contiguous()}))
             self._silo = (z, y)
         return self._silo
+
+    def local_silo(self, ldm: LatentDiffusion) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`silo` for a round: a :class:`DataError` names files, labels and sizes of
+        single records, so its message is logged here and the error that goes back to the
+        coordinator (Flower sends the exception text) says only that the data is unusable."""
+        try:
+            return self.silo(ldm)
+        except DataError as exc:
+            log.error("site %s: %s", self.cfg.site_id, exc)
+            raise DataError(f"site {self.cfg.site_id}: its data cannot be used for training; "
+                            "the reason is in the site's own log (not sent, it may name "
+                            "single records)") from exc
 
     def accountant(self) -> PersistentAccountant:
         return PersistentAccountant.open(self.state_dir / "accountant.json",
@@ -102,7 +138,8 @@ class Site:
                     ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
         """DP-train from the global adapter; returns (update or None, scalar metrics)."""
         ldm = self.base_model(plan.base_fingerprint)
-        z, y = self.silo(ldm)
+        check_proposal(global_adapter, ldm)
+        z, y = self.local_silo(ldm)
         acc = self.accountant()
         dp = self.dp_config(plan, len(z))
         init = {k: torch.from_numpy(np.array(v)) for k, v in global_adapter.items()}

@@ -27,8 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpfl.shared.certs import check_node_public_key, check_server_files
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.flwrproc import DeployError, flwr_bin, flwr_env
+from dpfl.shared.io import ensure_dir
 
 from .pki import PkiLayout
 
@@ -75,10 +77,13 @@ class Coordinator:
         return flwr_env(self.flwr_home)
 
     def check_files(self) -> None:
+        """The TLS files exist, parse, are within their dates, ``server.crt`` is signed by
+        ``ca.crt`` and ``server.key`` is its key (:class:`ConfigError` naming the file)."""
         for path in (self.layout.ca_cert, self.layout.server_cert, self.layout.server_key):
             if not path.is_file():
                 raise ConfigError(f"{path} is missing; create it with 'dpfl-server certs "
                                   f"--out {self.pki}'")
+        check_server_files(self.layout.ca_cert, self.layout.server_cert, self.layout.server_key)
 
     def superlink_command(self) -> list[str]:
         return [flwr_bin("flower-superlink"),
@@ -103,7 +108,7 @@ class Coordinator:
 def start_superlink(coord: Coordinator) -> subprocess.Popen:
     """Start the SuperLink in its own process group, logging to STATE_DIR/superlink.log."""
     coord.check_files()
-    coord.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(coord.state_dir, "coordinator state directory")
     coord.write_connection()
     logf = open(coord.state_dir / "superlink.log", "ab")  # noqa: SIM115 (child owns it)
     log.info("starting SuperLink on %s:%d (TLS, node authentication)", coord.host, coord.port)
@@ -238,6 +243,9 @@ def serve(coord: Coordinator, site_keys: dict[str, Path]) -> int:
     def _stop(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
+    coord.check_files()  # certificates and keys are named before anything starts
+    for site, pub in site_keys.items():
+        check_node_public_key(pub, site)
     signal.signal(signal.SIGTERM, _stop)
     proc = start_superlink(coord)
     try:

@@ -6,9 +6,11 @@ FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning",
 clients send only the ``lora_B`` tensors (and a trainable class embedding): A stays frozen
 at the shared seeded initialisation, so averaging B is exact.
 
-An update is rejected (and logged, with the reason) when its keys or shapes differ from
-the expected adapter, when it holds a non-finite value, or when its distance from the
-current global adapter exceeds ``max_update_norm``.
+An update is rejected (and logged, with the reason) when its keys, shapes or dtypes differ
+from the expected adapter (so a reply can never be larger than the adapter the coordinator
+sent), when it holds a non-finite value, when its distance from the current global adapter
+exceeds ``max_update_norm`` or, even without that bound, :data:`IMPLAUSIBLE_UPDATE_NORM`, or
+when its FedAvg weight ``num-examples`` is not a positive whole number.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ log = logging.getLogger(__name__)
 
 ARRAYS, METRICS, SITE, CONFIG = "arrays", "metrics", "site", "config"
 
+#: Distance from the global adapter beyond which an update is rejected even when no
+#: ``max-update-norm`` is configured. Adam moves each coordinate by about ``lr`` per step, so
+#: an honest round (lr 2e-3, thousands of steps, LoRA tensors of O(1)) moves the adapter by
+#: far less; 1e6 only stops updates that would overflow float32 in FedAvg's weighted sum and
+#: poison the global adapter for every later round. Set ``max-update-norm`` for a real bound.
+IMPLAUSIBLE_UPDATE_NORM = 1e6
+
 
 def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray],
                  max_update_norm: float = math.inf) -> str | None:
@@ -41,13 +50,26 @@ def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]
         arr = update[key]
         if arr.shape != ref.shape:
             return f"tensor {key} has shape {arr.shape}, expected {ref.shape}"
-        if not np.issubdtype(arr.dtype, np.floating):
-            return f"tensor {key} has dtype {arr.dtype}, expected floating point"
+        if arr.dtype != ref.dtype or not np.issubdtype(arr.dtype, np.floating):
+            return f"tensor {key} has dtype {arr.dtype}, expected floating point {ref.dtype}"
         if not np.isfinite(arr).all():
             return f"tensor {key} holds non-finite values (NaN or inf)"
         sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    if math.sqrt(sq) > max_update_norm:
-        return f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:.3g}"
+    norm = math.sqrt(sq)
+    if norm > max_update_norm:
+        return f"update norm {norm:.3g} exceeds the bound {max_update_norm:.3g}"
+    if norm > IMPLAUSIBLE_UPDATE_NORM:
+        return (f"update norm {norm:.3g} is beyond any plausible round of DP-LoRA training "
+                f"(limit {IMPLAUSIBLE_UPDATE_NORM:.0g} even without max-update-norm)")
+    return None
+
+
+def check_weight(metrics: Mapping[str, object]) -> str | None:
+    """Why a reply's FedAvg weight ``num-examples`` is unusable, or None."""
+    n = metrics.get("num-examples")
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) \
+            or n < 1 or n != int(n):
+        return f"num-examples must be a whole number >= 1, got {n!r}"
     return None
 
 
@@ -126,9 +148,8 @@ class AdapterFedAvg(FedAvg):
                 rejected[site] = "reply must carry exactly one ArrayRecord 'arrays'"
                 continue
             update = {k: v.numpy() for k, v in arrays.items()}
-            reason = check_update(update, reference, self.max_update_norm)
-            if reason is None and not metrics.get("num-examples", 0) > 0:
-                reason = f"num-examples must be > 0, got {metrics.get('num-examples')}"
+            reason = check_update(update, reference, self.max_update_norm) \
+                or check_weight(metrics)
             if reason:
                 rejected[site] = reason
                 continue

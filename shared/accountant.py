@@ -151,8 +151,9 @@ class PersistentAccountant:
             raise BudgetExhausted(
                 f"training {steps} more steps (sigma={noise_multiplier:.4g}, q={sample_rate:.4g}) "
                 f"would bring epsilon to {predicted:.4f}, over this client's budget of "
-                f"{self.budget:g} (delta={self.delta:g}); spent so far: eps={self.epsilon():.4f} "
-                f"in {self.steps} steps. Train fewer steps, raise the noise, or stop here.")
+                f"{self.budget:g} (delta={self.delta:g}, ledger {self.path}); spent so far: "
+                f"eps={self.epsilon():.4f} in {self.steps} steps. Train fewer steps, raise the "
+                "noise, or stop here.")
         return predicted
 
     def commit(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:

@@ -271,7 +271,10 @@ class TrainResult(DPRunStats):
 def encode_silo(ldm: LatentDiffusion, imageset: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (frozen public encoder, posterior mean) and labels of a silo; run once."""
     n_cls = ldm.spec.num_classes
-    if len(imageset) and int(imageset.labels.max()) >= n_cls:
+    if len(imageset) == 0:
+        raise DataError(f"{imageset.source}: the silo holds no images; nothing to train on "
+                        "(check the data path and that the class folders are not empty)")
+    if int(imageset.labels.max()) >= n_cls:
         raise DataError(f"{imageset.source}: label {int(imageset.labels.max())} is out of range "
                         f"for the base model's {n_cls} classes {list(ldm.spec.class_names)}")
     if tuple(imageset.class_names[:n_cls]) != tuple(ldm.spec.class_names[:len(imageset.class_names)]):

@@ -87,17 +87,20 @@ class RoundPlan:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = [("num-rounds", self.num_rounds >= 1), ("local-epochs", self.local_epochs >= 1),
-                  ("batch-size", self.batch_size >= 1),
-                  ("noise-multiplicity", self.noise_multiplicity >= 1),
-                  ("clip", self.clip > 0), ("lr", self.lr > 0),
-                  ("target-epsilon", self.target_epsilon > 0),
-                  ("lora-rank", self.lora_rank >= 1), ("lora-alpha", self.lora_alpha > 0),
-                  ("lora-dropout", 0 <= self.lora_dropout < 1)]
-        for key, ok in checks:
+        checks = [("num-rounds", self.num_rounds >= 1, ">= 1"),
+                  ("local-epochs", self.local_epochs >= 1, ">= 1"),
+                  ("batch-size", self.batch_size >= 1, ">= 1"),
+                  ("noise-multiplicity", self.noise_multiplicity >= 1, ">= 1"),
+                  ("clip", 0 < self.clip < math.inf, "a finite number > 0"),
+                  ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+                  ("target-epsilon", self.target_epsilon > 0, "> 0"),
+                  ("lora-rank", self.lora_rank >= 1, "an integer >= 1"),
+                  ("lora-alpha", self.lora_alpha > 0, "> 0"),
+                  ("lora-dropout", 0 <= self.lora_dropout < 1, "in [0, 1)")]
+        for key, ok, allowed in checks:
             if not ok:
-                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r} is out of range "
-                                  "(see RoundPlan's documentation)")
+                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r} is out of "
+                                  f"range: it must be {allowed} (see RoundPlan's documentation)")
 
     @classmethod
     def from_record(cls, values: Mapping[str, Any]) -> "RoundPlan":
@@ -157,10 +160,15 @@ class FedConfig(RoundPlan):
                 raise ConfigError(f"client-dp-epsilon must be > 0, got {self.client_dp_epsilon}")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.min_train_nodes < 1 or self.min_available_nodes < 0:
-            raise ConfigError("min-train-nodes must be >= 1 and min-available-nodes >= 0")
-        if self.round_timeout <= 0 or self.max_update_norm < 0 or self.sample_every < 0:
-            raise ConfigError("round-timeout must be > 0, max-update-norm and sample-every >= 0")
+        for key, ok, allowed in (
+                ("min-train-nodes", self.min_train_nodes >= 1, ">= 1"),
+                ("min-available-nodes", self.min_available_nodes >= 0, ">= 0"),
+                ("round-timeout", 0 < self.round_timeout < math.inf, "a finite number > 0"),
+                ("max-update-norm", 0 <= self.max_update_norm < math.inf, ">= 0 (0: no bound)"),
+                ("sample-every", self.sample_every >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r} is out of "
+                                  f"range: it must be {allowed}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import StateError
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -19,6 +21,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "state directory") -> Path:
+    """Create ``path`` if needed and check this process may read and write it; raises
+    :class:`StateError` naming it (a file in its place, no permission) otherwise."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise StateError(f"{what} {path} is a file, not a directory; point it at a directory "
+                         "(or move the file away)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create {what} {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise StateError(f"{what} {path} is not readable and writable by this user "
+                         f"(uid {os.getuid()}); fix its owner or permissions")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

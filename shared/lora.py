@@ -226,6 +226,25 @@ def save_adapter(model: PeftModel, path: str | Path) -> Path:
     return path
 
 
+def _check_adapter_keys(model: PeftModel, path: Path) -> None:
+    """peft only warns about adapter-file keys it did not use or did not find (a missing key
+    leaves that layer at its random initialisation): refuse both, naming them."""
+    from safetensors import safe_open
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.exists():
+        return  # a .bin adapter: peft has loaded it, keys cannot be listed without unpickling
+    with safe_open(str(weights), framework="pt") as f:
+        stored = set(f.keys())
+    expected = set(get_peft_model_state_dict(model))
+    unexpected, missing = sorted(stored - expected), sorted(expected - stored)
+    if unexpected or missing:
+        raise IncompatibleAdapter(
+            f"adapter {weights} does not fit its adapter_config.json on this UNet: "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:5]}, {len(missing)} missing "
+            f"key(s) {missing[:5]}; the file was edited or mixed with another adapter's config")
+
+
 def load_adapter(unet: torch.nn.Module, path: str | Path, trainable: bool = False) -> PeftModel:
     """Read an adapter directory onto (a deep copy of) ``unet`` with ``PeftModel.from_pretrained``."""
     path = Path(path)
@@ -236,6 +255,7 @@ def load_adapter(unet: torch.nn.Module, path: str | Path, trainable: bool = Fals
         model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise IncompatibleAdapter(f"cannot load adapter {path} onto this UNet: {exc}") from exc
+    _check_adapter_keys(model, path)
     make_conv_inputs_contiguous(model)
     for k, v in get_peft_model_state_dict(model).items():
         if not torch.isfinite(v).all():
