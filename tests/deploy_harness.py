@@ -74,11 +74,14 @@ class Harness:
     def crash(self, names: list[str], home: Path) -> int:
         """SIGKILL the process groups of ``names`` and every process whose FLWR_HOME lies
         under ``home`` (their detached children), as a power cut would; returns how many
-        processes were killed. Repeated until none is left (a dying parent may still fork)."""
+        processes were alive to kill. Repeated until none is left (a dying parent may fork)."""
+        home_s = str(home)
+        killed = {pid for pid, h, _cmd in _processes() if h.startswith(home_s)}
+        killed |= {self.procs[n].pid for n in names
+                   if n in self.procs and self.procs[n].poll() is None}
         for name in names:
             if name in self.procs:
                 self.kill(name)
-        killed, home_s = 0, str(home)
         for _ in range(5):
             found = [pid for pid, h, _cmd in _processes() if h.startswith(home_s)]
             if not found:
@@ -86,7 +89,7 @@ class Harness:
             for pid in found:
                 try:
                     os.kill(pid, signal.SIGKILL)
-                    killed += 1
+                    killed.add(pid)
                 except ProcessLookupError:
                     pass
             time.sleep(0.2)
@@ -96,7 +99,7 @@ class Harness:
                     self.procs[name].wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
-        return killed
+        return len(killed)
 
     def stop_all(self) -> list[str]:
         """Stop every process; returns what was still alive afterwards (then kills it)."""
