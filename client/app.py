@@ -15,16 +15,20 @@ from flwr.clientapp import ClientApp
 
 from dpfl.shared.fedconfig import RoundPlan, SiteConfig
 
+from .secagg import FITINS, secagg_mod, secure_train
 from .site import Site
 
 _CACHE_SIZE = 4  # sites kept warm per process: memory is bounded by concurrency, not by N
 
 
-def make_client_app(sites: Sequence[SiteConfig] | None = None, mods: list | None = None
-                    ) -> ClientApp:
+def make_client_app(sites: Sequence[SiteConfig] | None = None, mods: list | None = None,
+                    inner_mods: list | None = None) -> ClientApp:
     """A ClientApp serving ``sites`` by partition id (simulation), or the node config's site.
 
-    ``mods`` are Flower client mods (middleware seeing every message in and out).
+    ``mods`` are Flower client mods (middleware seeing every message in and out, i.e. what
+    leaves the site). Training messages also pass :func:`~dpfl.client.secagg.secagg_mod`
+    (SecAgg+ when the coordinator runs it) and then ``inner_mods``, which see a SecAgg+
+    reply before it is masked.
     """
     app = ClientApp(mods=mods or [])
     cache: OrderedDict[str, Site] = OrderedDict()
@@ -40,9 +44,11 @@ def make_client_app(sites: Sequence[SiteConfig] | None = None, mods: list | None
             cache.popitem(last=False)
         return site
 
-    @app.train()
+    @app.train(mods=[secagg_mod, *(inner_mods or [])])
     def train(msg: Message, context: Context) -> Message:
         site = site_for(context)
+        if FITINS in msg.content.array_records:  # a SecAgg+ round (legacy FitIns records)
+            return secure_train(site, msg)
         plan = RoundPlan.from_record(dict(msg.content["config"]))
         adapter = {k: v.numpy() for k, v in msg.content["arrays"].items()}
         update, metrics = site.train_round(plan, adapter)

@@ -38,6 +38,7 @@ from dpfl.shared.sampling import class_grid
 
 from .clientdp import ClientLevelDP
 from .ledger import PrivacyLedger, SiteReport
+from .secagg import SecureRound
 from .strategy import ARRAYS, METRICS, SITE, AdapterFedAvg, reply_site
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
         sample_seed=cfg.seed + done, max_update_norm=cfg.update_bound,
         fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
         min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes)
+    secure = (SecureRound(fed, grid, node_site, cfg.secagg_threshold, cfg.secagg_max_weight)
+              if cfg.secagg else None)
     if done == 0:
         fed.sample_grid(adapter, "samples_round_000.png", "base model (round 0)")
     for rnd in range(done + 1, cfg.num_rounds + 1):
@@ -176,30 +179,37 @@ def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
             log.warning("round %d: no site can train (all exhausted or none connected); "
                         "stopping", rnd)
             break
-        replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
-        node_site.update(replies)
-        keys = travelling_keys(adapter, cfg.ffa)
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-        ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys},
-                                              node_site.map, sent_to)
-        missing = len(msgs) - len(replies)
-        if missing:
-            rejected[f"<{missing} unanswered>"] = f"no reply within {cfg.round_timeout}s"
-        reports = [r for r in map(fed.report, replies) if r is not None]
-        # both privacy records are durable before anything derived from the round exists
-        client_level = cdp.commit_release().to_json() if cdp is not None else None
-        entry = fed.ledger.record_round(rnd, reports, rejected, client_level)
-        if cdp is not None:  # equal weights, fixed denominator: every sampled site counts
-            updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
-                       for m in ok]
-            adapter = {**adapter, **cdp.aggregate({k: adapter[k] for k in keys}, updates,
-                                                  sampled=len(msgs))}
+        if secure is not None:  # SecAgg+: only the masked sum; see dpfl.server.secagg
+            adapter, accepted, rejected, entry = secure.run(
+                rnd, adapter, travelling_keys(adapter, cfg.ffa),
+                [m.metadata.dst_node_id for m in msgs])
+            client_level = None
         else:
-            agg, metrics = strategy.aggregate_valid(rnd, ok)
-            if agg is not None:
-                adapter = {**adapter, **{k: v.numpy() for k, v in agg.items()}}
+            replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+            node_site.update(replies)
+            keys = travelling_keys(adapter, cfg.ffa)
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+            ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys},
+                                                  node_site.map, sent_to)
+            missing = len(msgs) - len(replies)
+            if missing:
+                rejected[f"<{missing} unanswered>"] = f"no reply within {cfg.round_timeout}s"
+            reports = [r for r in map(fed.report, replies) if r is not None]
+            # both privacy records are durable before anything derived from the round exists
+            client_level = cdp.commit_release().to_json() if cdp is not None else None
+            entry = fed.ledger.record_round(rnd, reports, rejected, client_level)
+            if cdp is not None:  # equal weights, fixed denominator: every sampled site counts
+                updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
+                           for m in ok]
+                adapter = {**adapter, **cdp.aggregate({k: adapter[k] for k in keys}, updates,
+                                                      sampled=len(msgs))}
+            else:
+                agg, metrics = strategy.aggregate_valid(rnd, ok)
+                if agg is not None:
+                    adapter = {**adapter, **{k: v.numpy() for k, v in agg.items()}}
+            accepted = len(ok)
         fed.checkpoint.save(rnd, adapter, fed.plan.base_fingerprint)
-        fed.run.log(round=rnd, accepted=len(ok), rejected=rejected,
+        fed.run.log(round=rnd, accepted=accepted, rejected=rejected,
                     epsilon={s: v["epsilon"] for s, v in entry["sites"].items()},
                     global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"],
                     **({"client_level_epsilon": client_level["epsilon"]} if client_level else {}))

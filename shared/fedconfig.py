@@ -131,6 +131,15 @@ class FedConfig(RoundPlan):
         client_dp_noise: noise multiplier z of client-level DP (std z * clip / sampled sites).
         client_dp_delta: delta of the client-level guarantee (must be < 1 / number of sites).
         client_dp_epsilon: client-level epsilon budget; no round runs that would exceed it.
+        secagg: secure aggregation (SecAgg+, see ``dpfl.server.secagg``): the coordinator
+            sees only the sum of the sites' adapters; each site checks its own update
+            (finite, |value| <= 8, ``max-update-norm``). Needs min-train-nodes >= 2; not
+            combinable with client-level DP.
+        secagg_threshold: fraction of the sampled sites whose key shares must survive to
+            unmask, in (0.5, 1] (more: safer against collusion, less tolerant of dropouts).
+        secagg_max_weight: largest example count a site may weight its update with (> 0);
+            keep it near the largest site's count, the aggregate's quantisation error
+            (about 4e-6 per value) grows with max-weight / total examples.
     """
 
     base_model: str = "models/fmnist-base"
@@ -146,9 +155,14 @@ class FedConfig(RoundPlan):
     client_dp_noise: float = 1.0
     client_dp_delta: float = 1e-3
     client_dp_epsilon: float = 10.0
+    secagg: bool = False
+    secagg_threshold: float = 0.67
+    secagg_max_weight: float = 10000.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.secagg:
+            self._check_secagg()
         if self.client_dp_clip < 0 or not math.isfinite(self.client_dp_clip):
             raise ConfigError(f"client-dp-clip must be >= 0 (0: off), got {self.client_dp_clip}")
         if self.client_dp_clip > 0:
@@ -169,6 +183,21 @@ class FedConfig(RoundPlan):
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r} is out of "
                                   f"range: it must be {allowed}")
+
+    def _check_secagg(self) -> None:
+        if self.client_dp_clip > 0:
+            raise ConfigError(
+                f"secagg=true cannot be combined with client-dp-clip={self.client_dp_clip}: "
+                "client-level DP clips every site's update on the coordinator, which SecAgg+ "
+                "hides from it; set client-dp-clip=0 or secagg=false")
+        if self.min_train_nodes < 2:
+            raise ConfigError(f"secagg=true needs min-train-nodes >= 2 (got "
+                              f"{self.min_train_nodes}): a secure sum over one site is its "
+                              "update")
+        if not 0.5 < self.secagg_threshold <= 1:
+            raise ConfigError(f"secagg-threshold must be in (0.5, 1], got {self.secagg_threshold}")
+        if not (self.secagg_max_weight > 0 and math.isfinite(self.secagg_max_weight)):
+            raise ConfigError(f"secagg-max-weight must be > 0, got {self.secagg_max_weight}")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":

@@ -1,0 +1,227 @@
+"""Secure aggregation (SecAgg+) composed with the sites' DP-SGD: configuration, the sites'
+self-checks, and a real simulated federation (Flower's simulation engine, tiny models, CPU)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from safetensors.numpy import load_file
+
+from dpfl.client.secagg import self_check
+from dpfl.server.secagg import masked_shape_problem
+from dpfl.shared.accountant import PersistentAccountant
+from dpfl.shared.errors import ConfigError
+from dpfl.shared.fedconfig import FedConfig
+from dpfl.shared.models import build_ldm, save_ldm
+
+from .test_federation import ALLOWED_METRICS, _silo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(client_dp_clip=0.1), "client-dp-clip"),
+    (dict(min_train_nodes=1), "min-train-nodes >= 2"),
+    (dict(secagg_threshold=0.5), "secagg-threshold"),
+    (dict(secagg_max_weight=0.0), "secagg-max-weight")])
+def test_secagg_config_refuses_what_it_cannot_do(bad, words):
+    with pytest.raises(ConfigError, match=words):
+        FedConfig(**{"secagg": True, "min_train_nodes": 2, **bad})
+    FedConfig(secagg=True, min_train_nodes=2)
+    assert FedConfig.from_run_config({"secagg": "true", "min-train-nodes": 2}).secagg
+
+
+def test_site_withholds_what_the_coordinator_can_no_longer_check():
+    ref = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    good = {"a": np.full((2, 3), 0.1, np.float32), "b": np.ones(4, np.float32)}
+    assert self_check(good, ref, clip_range=8.0) is None
+    nan = {**good, "b": np.array([1, np.nan, 1, 1], np.float32)}
+    assert "non-finite" in self_check(nan, ref, 8.0)
+    assert "beyond the SecAgg+ range" in self_check({**good, "b": np.full(4, 9.0)}, ref, 8.0)
+    assert "shape" in self_check({**good, "a": np.zeros(6, np.float32)}, ref, 8.0)
+    assert "keys" in self_check({"a": good["a"]}, ref, 8.0)
+    # distance from the global adapter: sqrt(6 * 0.1**2) = 0.245
+    assert "exceeds the bound" in self_check(good, ref, 8.0, max_update_norm=0.2)
+    assert self_check(good, ref, 8.0, max_update_norm=0.25) is None
+
+
+def _masked_reply(shapes, weight, examples):
+    masked = [ndarray_to_bytes(np.zeros(s, np.int64)) for s in shapes]
+    content = RecordDict({
+        RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: masked}),
+        "fitres.num_examples": MetricRecord({"num_examples": weight}),
+        "metrics": MetricRecord({"num-examples": examples})})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+@pytest.fixture
+def run_identity():
+    """Flower stamps messages with the current run; outside a run, pretend to be run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_run_id", "_task_id", "_node_id")
+    old = {n: getattr(TaskIdentity, n, None) for n in names}
+    for n in names:
+        setattr(TaskIdentity, n, 1)
+    yield
+    for n, v in old.items():
+        setattr(TaskIdentity, n, v)
+
+
+def test_coordinator_screens_the_form_of_masked_replies(run_identity):
+    shapes = [(2, 3), (4,)]
+    assert masked_shape_problem(_masked_reply([(1,), (2, 3), (4,)], 40, 40), shapes, 64) is None
+    assert masked_shape_problem(_masked_reply([(1,), (2, 3), (4,)], 0, 40), shapes, 64) is None
+    assert "shapes" in masked_shape_problem(_masked_reply([(1,), (6,), (4,)], 40, 40), shapes, 64)
+    assert "shapes" in masked_shape_problem(_masked_reply([(1,), (2, 3)], 40, 40), shapes, 64)
+    assert "weight" in masked_shape_problem(_masked_reply([(1,), (2, 3), (4,)], 39, 40), shapes,
+                                            64)
+    assert "weight" in masked_shape_problem(_masked_reply([(1,), (2, 3), (4,)], 80, 80), shapes,
+                                            64)
+
+
+def _sites(tmp):
+    base = save_ldm(build_ldm("tiny", seed=0), tmp / "base")
+    sites = []
+    for i, classes in enumerate([(0, 1, 2), (3, 4, 5), (6, 7, 8)]):
+        _silo(tmp / f"silo{i}.npz", i, classes)
+        sites.append(dict(site_id=f"site-{i}", data=str(tmp / f"silo{i}.npz"),
+                          base_model=str(base), state_dir=str(tmp / f"state{i}"),
+                          epsilon_budget=8.0, delta=1e-3, device="cpu"))
+    cfg = dict(base_model=str(base), run_dir=str(tmp / "run"), num_rounds=2, batch_size=16,
+               noise_multiplicity=2, target_epsilon=4.0, min_available_nodes=3,
+               min_train_nodes=2, sample_steps=2, sample_every=0, lr=5e-3, secagg=True,
+               secagg_max_weight=64.0)
+    (tmp / "plain").mkdir()
+    return sites, cfg
+
+
+def _simulate(tmp, sites, cfg, **extra):
+    args = dict(cfg=cfg, sites=sites, spy=str(tmp / "spy.jsonl"), plain=str(tmp / "plain"),
+                **extra)
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.secagg_scenario", json.dumps(args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (tmp / "scenario.log").write_text(proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def secure_federation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secagg")
+    sites, cfg = _sites(tmp)
+    # site-2 has nearly spent its budget: it takes part in round 1 with weight 0
+    sites[2]["epsilon_budget"] = 2.0
+    PersistentAccountant.open(tmp / "state2" / "accountant.json", kind="rdp", delta=1e-3,
+                              budget=2.0).commit(2.2, 0.5, 5)
+    _simulate(tmp, sites, cfg)
+    return tmp
+
+
+def _plain(tmp, site, rnd):
+    with np.load(tmp / "plain" / f"{site}-r{rnd}.npz") as f:
+        return dict(f)
+
+
+def _weighted_mean(tmp, rnd, sites):
+    plain = [_plain(tmp, s, rnd) for s in sites]
+    weights = np.array([float(p["weight"]) for p in plain])
+    vectors = [[p[k] for k in sorted(p) if k.startswith("vector:")] for p in plain]
+    return [sum(w * v[i].astype(np.float64) for w, v in zip(weights, vectors)) / weights.sum()
+            for i in range(len(vectors[0]))]
+
+
+def test_secure_sum_equals_plain_fedavg_of_the_same_updates(secure_federation):
+    tmp = secure_federation
+    r1 = {s: _plain(tmp, s, 1) for s in ("site-0", "site-1", "site-2")}
+    assert float(r1["site-2"]["weight"]) == 0  # exhausted: a zero vector of weight 0
+    assert all(float(r1[s]["weight"]) == 48 for s in ("site-0", "site-1"))
+    keys = sorted(k[len("global:"):] for k in r1["site-0"] if k.startswith("global:"))
+    # round 1's released global = the weighted mean of what the sites masked in round 1,
+    # up to SecAgg+ quantisation (step 16 / 2**22 per value and site, over sum n / max_weight)
+    mean1 = _weighted_mean(tmp, 1, ["site-0", "site-1", "site-2"])
+    received2 = _plain(tmp, "site-0", 2)
+    step = 16 / 2**22 * 3 / (96 / 64)
+    moved = 0.0
+    for key, mean in zip(keys, mean1):
+        got = received2[f"global:{key}"].astype(np.float64)
+        np.testing.assert_allclose(got, mean, rtol=0, atol=step + 1e-6)
+        moved = max(moved, float(np.abs(got - r1["site-0"][f"global:{key}"]).max()))
+    assert moved > 100 * step  # the sites' updates are far above the quantisation error
+    # round 2 (site-2 no longer sampled): the final checkpoint is the mean of two updates
+    final = load_file(tmp / "run" / "global" / "adapter.safetensors")
+    for key, mean in zip(keys, _weighted_mean(tmp, 2, ["site-0", "site-1"])):
+        np.testing.assert_allclose(final[key].astype(np.float64), mean, rtol=0,
+                                   atol=16 / 2**22 * 2 / (96 / 64) + 1e-6)
+    assert not (tmp / "plain" / "site-2-r2.npz").exists()
+
+
+def test_only_masked_vectors_and_privacy_scalars_leave_a_site(secure_federation):
+    spy = [json.loads(line) for line in (secure_federation / "spy.jsonl").read_text()
+           .splitlines()]
+    stages = [r["stage"] for r in spy]
+    assert stages.count("collect_masked_vectors") == 5  # 3 sites, then 2
+    assert stages.count("setup") == stages.count("unmask") == 5
+    for reply in spy:
+        assert not reply["error"]
+        assert all(n == 0 for n in reply["array_records"].values())  # no tensor in clear
+        if reply["stage"] != "collect_masked_vectors":
+            assert set(reply["config_records"]) == {RECORD_KEY_CONFIGS}
+            assert not reply["metric_records"]
+            continue
+        assert reply["masked"] > 1  # masked weight + one masked tensor per adapter key
+        assert set(reply["metric_records"]) == {"metrics", "fitres.num_examples"}
+        assert set(reply["metric_records"]["metrics"]) == ALLOWED_METRICS
+        assert reply["metric_records"]["fitres.num_examples"]["num_examples"] in (
+            0, reply["metric_records"]["metrics"]["num-examples"])
+        assert set(reply["config_records"]) == {RECORD_KEY_CONFIGS, "site", "fitres.metrics",
+                                                "fitres.status"}
+        assert reply["config_records"]["fitres.metrics"] == []
+        assert set(reply["site"]) == {"site-id"}
+
+
+def test_per_site_epsilon_reaches_the_ledger(secure_federation):
+    tmp = secure_federation
+    led = json.loads((tmp / "run" / "ledger.json").read_text())
+    r1, r2 = led["rounds"]
+    assert sorted(r1["sites"]) == ["site-0", "site-1", "site-2"]
+    assert r1["rejected"] == {"site-2": "did not train (budget exhausted or refused)"}
+    assert sorted(r2["sites"]) == ["site-0", "site-1"] and r2["rejected"] == {}
+    for site in ("site-0", "site-1"):
+        assert r2["sites"][site]["epsilon"] > r1["sites"][site]["epsilon"] > 0
+        own = PersistentAccountant.load(tmp / f"state{site[-1]}" / "accountant.json")
+        assert led["sites"][site]["epsilon"] == pytest.approx(own.epsilon(), rel=1e-9)
+    assert led["global"]["epsilon"] == max(s["epsilon"] for s in led["sites"].values())
+    metrics = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [m["accepted"] for m in metrics] == [2, 2]
+    assert math.isfinite(metrics[-1]["global_epsilon"])
+
+
+def test_a_site_that_drops_before_masking_costs_only_its_own_update(tmp_path):
+    sites, cfg = _sites(tmp_path)
+    _simulate(tmp_path, sites, {**cfg, "num_rounds": 1},
+              fail=["site-1", 1, "collect_masked_vectors"])
+    assert not (tmp_path / "plain" / "site-1-r1.npz").exists()  # it never trained
+    led = json.loads((tmp_path / "run" / "ledger.json").read_text())
+    (r1,) = led["rounds"]
+    assert sorted(r1["sites"]) == ["site-0", "site-2"]
+    ((who, why),) = r1["rejected"].items()  # named by node: it never replied with its name
+    assert who.startswith("node-") and "drops out" in why
+    # its pairwise masks were recovered from the others' key shares: the release is the
+    # weighted mean of the two surviving updates
+    keys = sorted(k[len("global:"):] for k in _plain(tmp_path, "site-0", 1)
+                  if k.startswith("global:"))
+    final = load_file(tmp_path / "run" / "global" / "adapter.safetensors")
+    for key, mean in zip(keys, _weighted_mean(tmp_path, 1, ["site-0", "site-2"])):
+        np.testing.assert_allclose(final[key].astype(np.float64), mean, rtol=0,
+                                   atol=16 / 2**22 * 2 / (96 / 64) + 1e-6)
