@@ -233,6 +233,28 @@ def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
+def stop_leftover_runs(coord: Coordinator) -> list[int]:
+    """Stop runs a crashed coordinator left unfinished in the SuperLink's database.
+
+    Their ServerApps died with the coordinator; left alone, the restarted SuperLink would
+    start a queued one beside the run the operator resubmits (the run-directory lock would
+    then fail one of them). Returns the stopped run ids; the operator resubmits."""
+    stopped = []
+    for run in _flwr(coord, ["list", CONNECTION]).get("runs", []):
+        status, run_id = str(run.get("status", "")), run.get("run-id")
+        if run_id is None or status.startswith(FINISHED):
+            continue
+        try:
+            _flwr(coord, ["stop", str(run_id), CONNECTION])
+            stopped.append(int(run_id))
+            log.warning("stopped run %s (%s) left over from before the restart; resubmit it "
+                        "with 'dpfl-server run' (it resumes from its run directory)", run_id,
+                        status)
+        except DeployError as exc:  # it may have finished meanwhile
+            log.warning("could not stop leftover run %s: %s", run_id, exc)
+    return stopped
+
+
 def serve(coord: Coordinator, site_keys: dict[str, Path]) -> int:
     """Run the SuperLink in the foreground and list ``site_keys`` (site -> node.pub).
 
@@ -257,6 +279,7 @@ def serve(coord: Coordinator, site_keys: dict[str, Path]) -> int:
                 if "already" not in str(exc).lower():
                     raise
                 log.info("%s was listed before", site)
+        stop_leftover_runs(coord)
         log.info("SuperLink ready on %s with %d listed site(s); log: %s", coord.address,
                  len(site_keys), coord.state_dir / "superlink.log")
         return proc.wait()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
+from safetensors import safe_open
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
@@ -38,8 +40,10 @@ from dpfl.shared.sampling import class_grid
 
 from .clientdp import ClientLevelDP
 from .ledger import PrivacyLedger, SiteReport
+from .runlock import RunLock
 from .secagg import SecureRound
-from .strategy import ARRAYS, METRICS, SITE, AdapterFedAvg, reply_site
+from .strategy import (ARRAYS, METRICS, SITE, AdapterFedAvg, current_replies,
+                       reply_site)
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +61,21 @@ class GlobalCheckpoint:
         self.weights, self.meta = folder / "adapter.safetensors", folder / "checkpoint.json"
 
     def load(self) -> tuple[int, dict[str, np.ndarray]] | None:
-        if not self.meta.exists():
+        if not self.weights.exists():
             return None
-        try:
-            meta = json.loads(self.meta.read_text())
+        try:  # the round inside the weights file: one rename replaced both together
+            with safe_open(str(self.weights), "np") as f:
+                stored = (f.metadata() or {}).get("round")
+            if stored is None:  # written before the round moved into the weights file
+                stored = json.loads(self.meta.read_text())["round"]
             weights = load_safetensors(self.weights.read_bytes())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError) as exc:
             raise StateError(f"global checkpoint in {self.folder} is unreadable: {exc}") from exc
-        return int(meta["round"]), weights
+        return int(stored), weights
 
     def save(self, server_round: int, adapter: dict[str, np.ndarray], fingerprint: str) -> None:
-        atomic_write_bytes(self.weights, save_safetensors(adapter))
+        atomic_write_bytes(self.weights, save_safetensors(adapter, metadata={
+            "round": str(server_round), "base_fingerprint": fingerprint}))
         atomic_write_json(self.meta, {"round": server_round, "base_fingerprint": fingerprint})
 
 
@@ -106,11 +114,21 @@ class Federation:
         m = msg.content.metric_records.get(METRICS)
         if m is None or "epsilon" not in m:
             return None
-        return SiteReport(site=reply_site(msg), epsilon=float(m["epsilon"]),
-                          delta=float(m["delta"]), budget=float(m["budget"]),
-                          sigma=float(m["sigma"]), sample_rate=float(m["sample-rate"]),
-                          steps=int(m["steps"]), examples=int(m["num-examples"]),
-                          exhausted=bool(m["exhausted"]), trained=bool(m["trained"]))
+        try:
+            rep = SiteReport(site=reply_site(msg), epsilon=float(m["epsilon"]),
+                             delta=float(m["delta"]), budget=float(m["budget"]),
+                             sigma=float(m["sigma"]), sample_rate=float(m["sample-rate"]),
+                             steps=int(m["steps"]), examples=int(m["num-examples"]),
+                             exhausted=bool(m["exhausted"]), trained=bool(m["trained"]))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            log.warning("privacy report of %s is malformed (%s: %s); its update is rejected",
+                        reply_site(msg), type(exc).__name__, exc)
+            return None
+        if not all(math.isfinite(v) and v >= 0 for v in (rep.epsilon, rep.delta, rep.budget)):
+            log.warning("privacy report of %s holds a non-finite or negative value; its "
+                        "update is rejected", rep.site)
+            return None
+        return rep
 
     def sample_grid(self, adapter: dict[str, np.ndarray], name: str, title: str) -> Path:
         load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in adapter.items()})
@@ -152,7 +170,13 @@ def client_level_dp(cfg: FedConfig, run: RunDir) -> ClientLevelDP | None:
 
 
 def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
-    """Run (or resume) the federated rounds; returns the final ledger."""
+    """Run (or resume) the federated rounds; returns the final ledger. Only one coordinator
+    may write a run directory at a time (:class:`~dpfl.server.runlock.RunLock`)."""
+    with RunLock(cfg.run_dir):
+        return _run_federation(grid, cfg)
+
+
+def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
     fed = Federation.open(cfg)
     fed.run.write_config(cfg, base_fingerprint=fed.plan.base_fingerprint)
     done, adapter = fed.initial_adapter()
@@ -186,15 +210,20 @@ def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
             client_level = None
         else:
             replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+            replies = current_replies(rnd, replies, sent_to)  # a straggler's: dropped
             node_site.update(replies)
             keys = travelling_keys(adapter, cfg.ffa)
-            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
             ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys},
                                                   node_site.map, sent_to)
             missing = len(msgs) - len(replies)
             if missing:
                 rejected[f"<{missing} unanswered>"] = f"no reply within {cfg.round_timeout}s"
             reports = [r for r in map(fed.report, replies) if r is not None]
+            reported = {r.site for r in reports}
+            for m in [m for m in ok if reply_site(m) not in reported]:  # no spend, no average
+                ok.remove(m)
+                rejected[reply_site(m)] = "malformed privacy report (see the coordinator log)"
             # both privacy records are durable before anything derived from the round exists
             client_level = cdp.commit_release().to_json() if cdp is not None else None
             entry = fed.ledger.record_round(rnd, reports, rejected, client_level)

@@ -87,6 +87,22 @@ def reply_site(msg: Message, known: Mapping[int, str] | None = None,
     return (known or {}).get(node) or f"node-{node}"
 
 
+def current_replies(server_round: int, replies: Iterable[Message],
+                    sent_to: Mapping[str, int]) -> list[Message]:
+    """The replies that answer a message of this round (``sent_to``: its message ids).
+
+    A straggler's reply to an earlier round is dropped before validation, the ledger and
+    the average: its update was computed from an old global adapter, and its privacy spend
+    is already in the site's own accountant, which the site's next report carries. Flower's
+    grid only pulls replies to the ids it asks for (``Grid.send_and_receive``); this keeps
+    the rule independent of the grid implementation."""
+    current = [m for m in replies if m.metadata.reply_to_message_id in sent_to]
+    if len(current) < len(replies):
+        log.warning("round %d: ignored %d reply(ies) to messages of an earlier round",
+                    server_round, len(replies) - len(current))
+    return current
+
+
 class AdapterFedAvg(FedAvg):
     """FedAvg over adapter tensors; never samples excluded (exhausted) nodes."""
 
