@@ -93,3 +93,14 @@ def test_site_latent_cache_is_written_atomically(tmp_path, monkeypatch):
     assert len(written) == 1 and written[0].parent == tmp_path / "state"
     again = site_mod.Site(site.cfg).silo(ldm)  # read back from the cache
     assert len(written) == 1 and (again[0] == z).all() and (again[1] == y).all()
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; os.umask(0o027); from dpfl.shared.io import atomic_write_text; "
+            "atomic_write_text(sys.argv[1], 'x')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "f.txt")], check=True)
+    assert os.stat(tmp_path / "f.txt").st_mode & 0o777 == 0o640
