@@ -38,3 +38,18 @@ def test_site_config_requires_data_and_sane_budget():
         SiteConfig.from_node_config({"data": "d", "delta": 1.0})
     s = SiteConfig.from_node_config({"data": "d", "epsilon-budget": "3", "partition-id": 0})
     assert s.epsilon_budget == 3.0
+
+
+def test_flower_app_config_lists_every_key_with_the_dataclass_default():
+    """`flwr run --run-config` can only override keys the app's pyproject declares."""
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    declared = declared["tool"]["flwr"]["app"]["config"]
+    fields = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(FedConfig)}
+    fields.pop("base-fingerprint")  # announced by the coordinator, never configured
+    assert set(declared) == set(fields)
+    for key, default in fields.items():
+        assert declared[key] == default, key
