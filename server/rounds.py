@@ -227,7 +227,11 @@ def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
             # both privacy records are durable before anything derived from the round exists
             client_level = cdp.commit_release().to_json() if cdp is not None else None
             entry = fed.ledger.record_round(rnd, reports, rejected, client_level)
-            if cdp is not None:  # equal weights, fixed denominator: every sampled site counts
+            if len(ok) < cfg.min_replies:
+                log.warning("round %d: %d accepted update(s), min-replies is %d; the global "
+                            "adapter stays as it was (the sites' spend is on record)", rnd,
+                            len(ok), cfg.min_replies)
+            elif cdp is not None:  # equal weights, fixed denominator: every sampled site counts
                 updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
                            for m in ok]
                 adapter = {**adapter, **cdp.aggregate({k: adapter[k] for k in keys}, updates,

@@ -122,6 +122,9 @@ class FedConfig(RoundPlan):
         min_train_nodes: fewest sites per round (>= 1).
         min_available_nodes: sites to wait for before sampling.
         round_timeout: seconds to wait for replies; late replies are dropped.
+        min_replies: fewest accepted updates that make a new global adapter (>= 1); a round
+            with fewer still records every site's spend in the ledger, but keeps the global
+            adapter unchanged (dropouts and stragglers cannot make one site the average).
         max_update_norm: reject updates farther than this from the global adapter
             (0: no bound beyond finiteness).
         sample_every: write a global sample grid every N rounds (0: only at the end).
@@ -148,6 +151,7 @@ class FedConfig(RoundPlan):
     min_train_nodes: int = 1
     min_available_nodes: int = 1
     round_timeout: float = 3600.0
+    min_replies: int = 1
     max_update_norm: float = 0.0
     sample_every: int = 1
     sample_steps: int = 25
@@ -177,6 +181,7 @@ class FedConfig(RoundPlan):
         for key, ok, allowed in (
                 ("min-train-nodes", self.min_train_nodes >= 1, ">= 1"),
                 ("min-available-nodes", self.min_available_nodes >= 0, ">= 0"),
+                ("min-replies", self.min_replies >= 1, ">= 1"),
                 ("round-timeout", 0 < self.round_timeout < math.inf, "a finite number > 0"),
                 ("max-update-norm", 0 <= self.max_update_norm < math.inf, ">= 0 (0: no bound)"),
                 ("sample-every", self.sample_every >= 0, ">= 0")):

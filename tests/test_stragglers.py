@@ -144,3 +144,26 @@ def test_the_stragglers_spend_is_accounted_and_reported_next_round(straggler):
     assert rep["steps"] == own.steps and rep["epsilon"] == pytest.approx(own.epsilon())
     assert led["sites"]["site-2"]["epsilon"] == pytest.approx(own.epsilon())
     assert not led["flags"]
+
+
+def test_min_replies_keeps_the_global_adapter_but_records_the_spend(tmp_path, task_identity):
+    """Round 1 has 2 accepted updates (the straggler is late) and min-replies is 3: no new
+    global adapter is made from two sites, but what they spent is in the ledger."""
+    base = save_ldm(build_ldm("tiny", seed=0), tmp_path / "base")
+    sites = {}
+    for i, (node, name) in enumerate(NODES.items()):
+        _silo(tmp_path / f"silo{i}.npz", i, [(0, 1, 2), (3, 4, 5), (6, 7, 8)][i])
+        sites[node] = Site(SiteConfig(site_id=name, data=str(tmp_path / f"silo{i}.npz"),
+                                      base_model=str(base), state_dir=str(tmp_path / f"s{i}"),
+                                      epsilon_budget=50.0, delta=1e-3, device="cpu"))
+    cfg = FedConfig(base_model=str(base), run_dir=str(tmp_path / "run"), num_rounds=1,
+                    batch_size=16, noise_multiplicity=1, target_epsilon=4.0, lr=5e-3,
+                    min_available_nodes=3, min_train_nodes=3, round_timeout=1.0,
+                    min_replies=3, sample_every=0, sample_steps=2)
+    run_federation(StragglerGrid(sites), cfg)
+    saved = load_file(str(tmp_path / "run" / "global" / "adapter.safetensors"))
+    b = [v for k, v in saved.items() if "lora_B" in k]
+    assert b and all(np.abs(v).max() == 0 for v in b)  # still the initial adapter (B = 0)
+    (r1,) = json.loads((tmp_path / "run" / "ledger.json").read_text())["rounds"]
+    assert set(r1["sites"]) == {"site-0", "site-1"} and all(
+        v["epsilon"] > 0 for v in r1["sites"].values())
