@@ -35,3 +35,17 @@ def tiny_ldm():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def task_identity():
+    """Flower stamps messages with the current run; outside a run, pretend to be run 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_run_id", "_task_id", "_node_id")
+    old = {n: getattr(TaskIdentity, n, None) for n in names}
+    for n in names:
+        setattr(TaskIdentity, n, 1)
+    yield
+    for n, v in old.items():
+        setattr(TaskIdentity, n, v)

@@ -268,20 +268,6 @@ def test_adapter_directory_with_unexpected_keys_or_shapes(tmp_path, tiny_ldm, ca
 
 
 # -- rows 8-10: what the coordinator receives ----------------------------------------------
-@pytest.fixture
-def _task_identity():
-    """Flower stamps messages with the current run; outside a run, pretend to be run 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n, None) for n in names}
-    for n in names:
-        setattr(TaskIdentity, n, 1)
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
-
-
 def _bigger(ref, key):
     a = ref[key]
     return {**ref, key: np.zeros((a.shape[0] * 2, *a.shape[1:]), a.dtype)}
@@ -350,7 +336,7 @@ class FakeGrid:
         return replies
 
 
-def test_bad_updates_are_rejected_logged_and_the_rest_aggregates(tmp_path, base, _task_identity):
+def test_bad_updates_are_rejected_logged_and_the_rest_aggregates(tmp_path, base, task_identity):
     """NaN/inf, an implausible norm, oversized replies (extra keys, larger tensors), a wrong
     dtype or weight and a site's error reply: each is rejected with its reason in the
     ledger, every site's spend is still on record, and the round's aggregate is exactly

@@ -62,21 +62,7 @@ def _masked_reply(shapes, weight, examples):
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
-@pytest.fixture
-def run_identity():
-    """Flower stamps messages with the current run; outside a run, pretend to be run 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n, None) for n in names}
-    for n in names:
-        setattr(TaskIdentity, n, 1)
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
-
-
-def test_coordinator_screens_the_form_of_masked_replies(run_identity):
+def test_coordinator_screens_the_form_of_masked_replies(task_identity):
     shapes = [(2, 3), (4,)]
     assert masked_shape_problem(_masked_reply([(1,), (2, 3), (4,)], 40, 40), shapes, 64) is None
     assert masked_shape_problem(_masked_reply([(1,), (2, 3), (4,)], 0, 40), shapes, 64) is None

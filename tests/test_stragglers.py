@@ -31,20 +31,6 @@ NODES = {11: "site-0", 12: "site-1", 13: "site-2"}
 STRAGGLER = 13
 
 
-@pytest.fixture(scope="module")
-def task_identity():
-    """Flower stamps messages with the current run; outside a run, pretend to be run 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n, None) for n in names}
-    for n in names:
-        setattr(TaskIdentity, n, 1)
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
-
-
 class StragglerGrid:
     """Trains every message at once with the real sites; the straggler's round-1 reply is
     withheld (its round times out) and delivered with round 2's replies."""

@@ -4,6 +4,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from dpfl.server.strategy import AdapterFedAvg, check_update
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 REF = {"w.lora_A": np.zeros((2, 3), np.float32), "w.lora_B": np.zeros((3, 2), np.float32)}
 
 
@@ -28,20 +30,6 @@ def test_norm_bound():
     upd = {k: v + 1.0 for k, v in REF.items()}  # distance sqrt(12)
     assert check_update(upd, REF, max_update_norm=3.0) is not None
     assert check_update(upd, REF, max_update_norm=4.0) is None
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps messages with the current run; outside a run, pretend to be run 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    names = ("_run_id", "_task_id", "_node_id")
-    old = {n: getattr(TaskIdentity, n, None) for n in names}
-    for n in names:
-        setattr(TaskIdentity, n, 1)
-    yield
-    for n, v in old.items():
-        setattr(TaskIdentity, n, v)
 
 
 def _reply(site, arrays, n, trained=1):
