@@ -261,12 +261,18 @@ class EvalConfig:
         return Path(self.model) / CLASSIFIER_SUBDIR if self.model else Path(DEFAULT_CLASSIFIER_DIR)
 
 
-def _adapter_privacy(adapter: str | None) -> dict[str, Any] | None:
+def _adapter_privacy(adapter: str | None, model: str | None = None) -> dict[str, Any] | None:
+    """The guarantee of what was trained on private data: the adapter's, or for a whole model
+    trained under DP (``dpfl-client train-full``) the model directory's ``privacy.json``."""
     from .export_privacy import PrivacyGuarantee
 
     if adapter is None:
-        return None
-    for p in (Path(adapter) / "privacy.json", Path(adapter).parent / "accountant.json"):
+        if model is None or not (Path(model) / "privacy.json").exists():
+            return None
+        candidates: tuple[Path, ...] = (Path(model) / "privacy.json",)
+    else:
+        candidates = (Path(adapter) / "privacy.json", Path(adapter).parent / "accountant.json")
+    for p in candidates:
         if p.exists():
             try:
                 g = PrivacyGuarantee.from_file(p)
@@ -298,7 +304,7 @@ def _training_set(cfg: EvalConfig, device: str, out: Path, progress: bool,
                          progress)
     record["generator"] = {"model": model, "base_fingerprint": ldm.card.get("fingerprint"),
                            "fingerprint": ldm.fingerprint(), "adapter": cfg.adapter,
-                           "privacy": _adapter_privacy(cfg.adapter),
+                           "privacy": _adapter_privacy(cfg.adapter, model),
                            "sampling_seconds": time.perf_counter() - start}
     write_npz(out / "samples.npz", data)
     title = f"{cfg.adapter or model}: {cfg.steps} DDIM steps, guidance {cfg.guidance}"
