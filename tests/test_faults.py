@@ -153,6 +153,7 @@ class Deployment:
         self.current: dict[str, str] = {}  # target -> its live process name(s), by role
         self.site_exit: dict[str, float] = {}
         self.events: list[str] = []  # unexpected exits, for the report
+        self.rounds = ROUNDS  # raised when the run finishes before every point is spent
         subprocess.run(cli("server", "certs", "--out", str(self.pki), "--host", "127.0.0.1",
                            *[a for s in SITES for a in ("--site", s)]),
                        cwd=ROOT, env=env(), check=True, capture_output=True, timeout=120)
@@ -175,7 +176,7 @@ class Deployment:
         self.submit()
 
     def submit(self) -> None:
-        sets = {"base-model": self.base, "run-dir": self.run_dir, "num-rounds": ROUNDS,
+        sets = {"base-model": self.base, "run-dir": self.run_dir, "num-rounds": self.rounds,
                 "batch-size": 16, "noise-multiplicity": 1, "target-epsilon": 4.0,
                 "min-available-nodes": 2, "sample-every": 0, "sample-steps": 2, "lr": 5e-3,
                 "round-timeout": 60}
@@ -287,10 +288,14 @@ def faults(tmp_path_factory):
         for point in schedule(random.Random(SEED), POINTS):
             if _wait_point(dep, inv, point, deadline) == "deadline":
                 break
-            if checkpoint_round(dep.run_dir) >= ROUNDS:
-                point["skipped"] = "the run had finished"
-                out["points"].append(point)
-                continue
+            if checkpoint_round(dep.run_dir) >= dep.rounds:
+                # the run finished before every point was spent: extend it by two rounds
+                # (a resubmitted run with more rounds resumes from its run directory)
+                wait_for(lambda: h.procs[dep.current["run"]].poll() is not None, 120,
+                         "the finished run's dpfl-server run to exit")
+                dep.rounds += 2
+                point["extended_to"] = dep.rounds
+                dep.submit()
             if point["target"] != "coordinator" and not dep.alive(point["target"]):
                 # that site is still in its restart back-off: hit a live one instead
                 live = [s for s in SITES if dep.alive(s)]
@@ -349,9 +354,9 @@ def test_run_completes_every_round_after_the_faults(faults):
     assert faults["done"], (faults["seconds"], dep.events,
                             faults["h"].output(dep.current["run"])[-3000:])
     assert "finished:completed" in faults["last_run"]
-    assert checkpoint_round(dep.run_dir) == ROUNDS
+    assert checkpoint_round(dep.run_dir) == dep.rounds
     led = json.loads((dep.run_dir / "ledger.json").read_text())
-    assert sorted({r["round"] for r in led["rounds"]}) == list(range(1, ROUNDS + 1))
+    assert sorted({r["round"] for r in led["rounds"]}) == list(range(1, dep.rounds + 1))
     assert inv.checks >= POINTS
     assert not [e for e in dep.events if "exited with" in e], dep.events
 
