@@ -114,7 +114,8 @@ def _run_options(run_dir: str, lr: float, physical_batch: int, model_help: str):
                      help="Steps of the whole planned run for calibration [default: this run's]."),
         click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1),
         click.option("--secure-mode/--no-secure-mode", default=False,
-                     help="Secure noise (torchcsprng)."),
+                     help="DP noise from the OS CSPRNG, hardened against floating-point "
+                          "attacks (Opacus' secure-mode construction); use for real data."),
         click.option("--seed", type=int, default=0),
         click.option("--device", default="auto", help="auto, cpu or cuda[:N]."),
         click.option("--sample-steps", type=click.IntRange(1, 1000), default=50),
@@ -223,8 +224,9 @@ def train_full(init, ema_decay, **run) -> None:
 @click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5)
 @click.option("--accountant", type=click.Choice(["rdp", "prv"]), default="rdp")
 @click.option("--max-physical-batch", type=click.IntRange(min=1), default=256)
-@click.option("--secure-mode/--no-secure-mode", default=False,
-              help="Cryptographically secure noise (recommended in production).")
+@click.option("--secure-mode/--no-secure-mode", default=True,
+              help="DP noise from the OS CSPRNG, hardened against floating-point attacks "
+                   "(on by default for a real site; --no-secure-mode only for experiments).")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
 @click.option("--runtime-port", type=click.IntRange(1, 65535), default=9094,
               help="Loopback port of the SuperNode's Runtime API (distinct per node).")

@@ -56,6 +56,7 @@ from .diffusion import expand_draws, row_losses
 from .errors import ConfigError, DataError, StateError
 from .lora import LoraSpec, adapter_state, load_adapter_state, trainable_count, wrap_unet
 from .models import LatentDiffusion, resolve_device
+from .securenoise import make_secure
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class DPConfig:
             per epoch), used to calibrate σ; ``None``: this call's steps.
         cond_drop: probability a row trains the null class (classifier-free guidance;
             0 <= p < 1, default 0.1).
-        secure_mode: cryptographically secure noise (needs torchcsprng; default False,
+        secure_mode: DP noise from the OS CSPRNG with Opacus' secure-mode construction
+            against floating-point attacks (``dpfl.shared.securenoise``; default False,
             which logs a warning: fine for research, not for deployment).
         seed: seed of the diffusion (timestep, noise) draws only; the Poisson sampler and
             the DP noise always come from OS entropy (a recorded seed would let anyone
@@ -210,18 +212,15 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loader: torch.utils.data.DataLoader, dp: DPConfig, sigma: float,
                  device: torch.device):
     """Opacus PrivacyEngine with Poisson sampling, flat clipping at C and noise σ."""
+    # Opacus' own secure mode needs torchcsprng (no release for current torch); the secure
+    # noise source is swapped in below instead (dpfl.shared.securenoise).
+    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
     if dp.secure_mode:
-        try:
-            engine = PrivacyEngine(accountant=dp.accountant, secure_mode=True)
-        except ImportError as exc:
-            raise ConfigError("secure_mode needs the torchcsprng package (see Opacus docs); "
-                              "install it or run with secure_mode off for research") from exc
         noise_gen = None
     else:
-        log.warning("*** secure_mode is OFF: DP noise comes from torch's seeded PRNG, which is "
-                    "fine for research but NOT a cryptographic guarantee. Turn secure_mode on "
-                    "for deployment. ***")
-        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
+        log.warning("*** secure_mode is OFF: DP noise comes from torch's PRNG (seeded from OS "
+                    "entropy), fine for research but NOT a cryptographic guarantee. Turn "
+                    "secure_mode on for deployment. ***")
         # Never derive the noise from ``dp.seed``: that seed is in the run's config.json, and
         # noise anyone can regenerate and subtract protects nothing. OS entropy instead.
         noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
@@ -231,6 +230,8 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                        grad_sample_mode="hooks", noise_generator=noise_gen)
     if not isinstance(opt, DPOptimizer):
         raise ConfigError(f"Opacus returned {type(opt).__name__}, expected a DPOptimizer")
+    if dp.secure_mode:
+        opt = make_secure(opt)
     return engine, gsm, opt, dl
 
 
