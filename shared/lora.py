@@ -250,6 +250,9 @@ def load_adapter(unet: torch.nn.Module, path: str | Path, trainable: bool = Fals
     path = Path(path)
     if not (path / "adapter_config.json").exists():
         raise IncompatibleAdapter(f"{path} is not a peft adapter directory (no adapter_config.json)")
+    if not (path / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle
+        raise IncompatibleAdapter(f"{path} holds no adapter_model.safetensors; dpfl reads only "
+                                  "safetensors adapters, never pickled .bin files")
     base = copy.deepcopy(unet).requires_grad_(False)
     try:
         model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable)

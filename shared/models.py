@@ -291,7 +291,9 @@ def _component(path: Path, name: str, default: str) -> Any:
         raise ModelError(f"model directory {path} has no '{name}/' subfolder; expected a "
                          "diffusers-format LDM with vae/, unet/ and scheduler/")
     try:
-        return cls.from_pretrained(str(sub))
+        # weights only from safetensors: diffusers would otherwise fall back to pickled .bin
+        fenced = {"use_safetensors": True} if issubclass(cls, diffusers.ModelMixin) else {}
+        return cls.from_pretrained(str(sub), **fenced)
     except Exception as exc:  # diffusers raises several types for broken folders
         raise ModelError(f"cannot load {name} from {sub}: {exc}") from exc
 
