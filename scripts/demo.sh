@@ -31,3 +31,4 @@ echo "== results"
 ls "$out/federated"/samples_round_*.png
 echo "before: $out/federated/samples_round_000.png   after: $(ls "$out/federated"/samples_round_*.png | tail -1)"
 echo "privacy ledger: $out/federated/ledger.json   adapter: $out/federated/adapter/"
+echo "run report (epsilon over rounds, grids, guarantee): $out/federated/report/report.html"
