@@ -65,7 +65,10 @@ def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None
     if kind == "run" and not cfg and not any(run_dir.glob("*.png")):
         raise StateError(f"{run_dir} holds no dpfl run (no config.json, ledger.json, "
                          "accountant.json or images); give the run directory itself")
-    doc = Doc(f"dpfl {TITLES[kind]}: {run_dir.resolve().name}")
+    inner = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+    title = "central DP run of the whole UNet" if kind == "central" and \
+        inner.get("mode") == "full" else TITLES[kind]
+    doc = Doc(f"dpfl {title}: {run_dir.resolve().name}")
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     doc.p(f"Run directory {run_dir.resolve()}; started {cfg.get('started', 'unknown')}; "
           f"report rendered {now} from the files on disk.")

@@ -67,6 +67,18 @@ def _accountant_path(run_dir: Path, cfg: dict[str, Any]) -> Path:
     return path if path.is_absolute() or path.exists() else run_dir / path
 
 
+def trained_part(cfg: dict[str, Any]) -> tuple[str, str, str]:
+    """(what is DP, 'before' caption, 'after' caption) of a central run: the LoRA adapter
+    (``dpfl-client train``) or the whole UNet (``dpfl-client train-full``)."""
+    inner = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+    if inner.get("mode") == "full":
+        init = inner.get("init", "scratch")
+        start = "the random UNet (scratch)" if init == "scratch" else "the base model"
+        return ("the whole UNet (RUN_DIR/model)", f"{start}, before DP training",
+                "after DP training of every UNet parameter")
+    return ("the adapter", "base model (before fine-tuning)", "with the DP-LoRA adapter (after)")
+
+
 def _guarantee(doc: Doc, acc: PersistentAccountant | None, cfg: dict[str, Any],
                finals: list[dict[str, Any]], path: Path) -> None:
     doc.h("Privacy guarantee")
@@ -77,7 +89,8 @@ def _guarantee(doc: Doc, acc: PersistentAccountant | None, cfg: dict[str, Any],
             if last else "no run finished, so there is no guarantee to state."), note=True)
         return
     examples = cfg.get("examples", "the")
-    doc.p(f"(ε = {acc.epsilon():.3f}, δ = {acc.delta:g}) at the record level: the adapter is "
+    doc.p(f"(ε = {acc.epsilon():.3f}, δ = {acc.delta:g}) at the record level: "
+          f"{trained_part(cfg)[0]} is "
           f"differentially private with respect to each of the {examples} examples of the silo. "
           f"ε is computed by Opacus' {acc.kind.upper()} accountant from the whole (σ, q, steps) "
           f"history in {path.name} ({acc.steps} DP-SGD steps, {len(finals)} finished run(s) "
@@ -124,8 +137,8 @@ def central_sections(doc: Doc, run_dir: Path, cfg: dict[str, Any],
     else:
         doc.p("No loss was logged (metrics.jsonl is missing or holds no steps).")
     doc.h("Sample grids")
-    for name, caption in (("samples_before.png", "base model (before fine-tuning)"),
-                          ("samples_after.png", "with the DP-LoRA adapter (after)")):
+    _, before, after = trained_part(cfg)
+    for name, caption in (("samples_before.png", before), ("samples_after.png", after)):
         if (run_dir / name).exists():
             doc.image(run_dir / name, caption)
         else:

@@ -207,6 +207,20 @@ def test_central_report_from_disk(tmp_path):
     md = (run / "report" / "report.md").read_text()
     assert f"(ε = {acc.epsilon():.3f}, δ = 0.001)" in md and "samples_after.png is missing" in md
     assert "| 1.2 | 0.25 | 7 |" in md  # the accountant's (sigma, q, steps) history
+    assert "the adapter is differentially private" in md
+
+
+def test_whole_unet_run_is_reported_as_such(tmp_path):
+    run = RunDir(tmp_path / "full")
+    run.write_config({"job": {"accountant_file": None}, "mode": "full", "init": "scratch",
+                      "dp": {"epsilon": 8}}, examples=40)
+    PersistentAccountant.open(run / "accountant.json", delta=1e-3, budget=8.0).commit(
+        1.2, 0.25, 4)
+    grid(run / "samples_before.png", 1)
+    write_report(run.path)
+    md = (run / "report" / "report.md").read_text()
+    assert "whole UNet (RUN_DIR/model) is differentially private" in md
+    assert "adapter" not in md and "random UNet (scratch), before DP training" in md
 
 
 def test_corrupt_accountant_names_the_file(tmp_path):
