@@ -94,7 +94,7 @@ def secure_train(site: Site, msg: Message) -> Message:
         raise ConfigError(f"the coordinator sent {len(arrays)} tensors for {len(keys)} keys")
     plan = RoundPlan.from_record(config)
     adapter = dict(zip(keys, arrays))
-    n = len(site.silo(site.base_model(plan.base_fingerprint))[0])
+    n = len(site.local_silo(site.base_model(plan.base_fingerprint))[0])
     if n > max_weight:  # checked before training: nothing is spent on a refused round
         raise ConfigError(f"site {site.cfg.site_id} holds {n} examples, more than the run's "
                           f"secagg-max-weight {max_weight:g}; raise secagg-max-weight to at "

@@ -277,10 +277,3 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 
 def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["dpfl-server", *sys.argv[1:]])
-
-
-def load_rows(out: str | Path) -> list[dict[str, Any]]:
-    path = Path(out) / "results.jsonl"
-    return read_jsonl(path) if path.exists() else []
-
-

@@ -206,7 +206,7 @@ def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
         if secure is not None:  # SecAgg+: only the masked sum; see dpfl.server.secagg
             adapter, accepted, rejected, entry = secure.run(
                 rnd, adapter, travelling_keys(adapter, cfg.ffa),
-                [m.metadata.dst_node_id for m in msgs])
+                [m.metadata.dst_node_id for m in msgs], cfg.min_replies)
             client_level = None
         else:
             replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
@@ -214,16 +214,13 @@ def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
             replies = current_replies(rnd, replies, sent_to)  # a straggler's: dropped
             node_site.update(replies)
             keys = travelling_keys(adapter, cfg.ffa)
+            reports = [r for r in map(fed.report, replies) if r is not None]
             ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys},
-                                                  node_site.map, sent_to)
+                                                  node_site.map, sent_to,
+                                                  reported={r.site for r in reports})
             missing = len(msgs) - len(replies)
             if missing:
                 rejected[f"<{missing} unanswered>"] = f"no reply within {cfg.round_timeout}s"
-            reports = [r for r in map(fed.report, replies) if r is not None]
-            reported = {r.site for r in reports}
-            for m in [m for m in ok if reply_site(m) not in reported]:  # no spend, no average
-                ok.remove(m)
-                rejected[reply_site(m)] = "malformed privacy report (see the coordinator log)"
             # both privacy records are durable before anything derived from the round exists
             client_level = cdp.commit_release().to_json() if cdp is not None else None
             entry = fed.ledger.record_round(rnd, reports, rejected, client_level)

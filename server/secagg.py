@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -44,7 +44,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from .strategy import METRICS, reply_site
+from .strategy import MALFORMED_REPORT, METRICS, reply_site
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ class SecureRound:
         self.fed, self.grid, self.node_site = fed, grid, node_site
         self.threshold, self.max_weight = threshold, max_weight
 
-    def run(self, rnd: int, adapter: dict[str, np.ndarray], keys: list[str], nodes: list[int]
-            ) -> tuple[dict[str, np.ndarray], int, dict[str, str], dict]:
+    def run(self, rnd: int, adapter: dict[str, np.ndarray], keys: list[str], nodes: list[int],
+            min_replies: int = 1) -> tuple[dict[str, np.ndarray], int, dict[str, str], dict]:
         cfg = self.fed.cfg
         order = sorted(adapter)
         config = {**self.fed.plan.to_record(), "server-round": rnd,
@@ -171,15 +171,20 @@ class SecureRound:
         outcome: dict = {}
 
         def screen(sent: list[Message], replies: list[Message]) -> list[Message]:
-            kept, rejected, accepted = self._screen(rnd, replies, sent, shapes)
+            reports = [r for r in map(self.fed.report, replies) if r is not None]
+            kept, rejected, accepted = self._screen(rnd, replies, sent, shapes,
+                                                    {r.site for r in reports})
             if len(sent) > len(replies):
                 rejected[f"<{len(sent) - len(replies)} unanswered>"] = (
                     f"no reply within {cfg.round_timeout}s")
-            reports = [r for r in map(self.fed.report, replies) if r is not None]
+            if 0 < accepted < min_replies:
+                rejected["<min-replies>"] = (f"{accepted} accepted update(s), min-replies is "
+                                             f"{min_replies}: nothing is unmasked")
             # durable before the unmasking stage: no aggregate exists without its spend
             outcome.update(rejected=rejected, accepted=accepted,
                            entry=self.fed.ledger.record_round(rnd, reports, rejected))
-            return kept if accepted else []  # nothing to release: halt before unmasking
+            # nothing (or too little) to release: halt before unmasking
+            return kept if accepted >= max(1, min_replies) else []
 
         workflow = _Workflow(screen, num_shares=1.0, reconstruction_threshold=self.threshold,
                              max_weight=self.max_weight, clipping_range=CLIP_RANGE,
@@ -193,7 +198,11 @@ class SecureRound:
         return new, outcome["accepted"], outcome["rejected"], outcome["entry"]
 
     def _screen(self, rnd: int, replies: list[Message], sent: list[Message],
-                shapes: list[tuple[int, ...]]) -> tuple[list[Message], dict[str, str], int]:
+                shapes: list[tuple[int, ...]], reported: Collection[str]
+                ) -> tuple[list[Message], dict[str, str], int]:
+        """Replies that enter the masked sum, {site: reason} for the rest, and how many carry
+        a real (weighted) update. A weighted update whose privacy report the ledger cannot
+        record is left out: its spend would not be on record."""
         self.node_site.update(replies)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         kept, rejected, accepted = [], {}, 0
@@ -205,6 +214,9 @@ class SecureRound:
             problem = masked_shape_problem(msg, shapes, self.max_weight)
             if problem is not None:
                 rejected[site] = problem
+                continue
+            if _weight(msg) and site not in reported:
+                rejected[site] = MALFORMED_REPORT
                 continue
             kept.append(msg)
             withheld = (msg.content.config_records.get("site") or {}).get("withheld")

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 log = logging.getLogger(__name__)
 
 ARRAYS, METRICS, SITE, CONFIG = "arrays", "metrics", "site", "config"
+MALFORMED_REPORT = "malformed privacy report (see the coordinator log)"
 
 #: Distance from the global adapter beyond which an update is rejected even when no
 #: ``max-update-norm`` is configured. Adam moves each coordinate by about ``lr`` per step, so
@@ -144,10 +145,13 @@ class AdapterFedAvg(FedAvg):
 
     def split_replies(self, server_round: int, replies: Iterable[Message],
                       reference: dict[str, np.ndarray], known: Mapping[int, str] | None = None,
-                      sent_to: Mapping[str, int] | None = None
+                      sent_to: Mapping[str, int] | None = None,
+                      reported: Collection[str] | None = None
                       ) -> tuple[list[Message], dict[str, str]]:
         """Replies that may be averaged, and {site: reason} for every one that may not
-        (``known`` and ``sent_to`` name error replies, see :func:`reply_site`)."""
+        (``known`` and ``sent_to`` name error replies, see :func:`reply_site`). With
+        ``reported`` (the sites whose privacy report the ledger will record), an update
+        without a usable report is rejected: no spend on record, no average."""
         ok, rejected = [], {}
         for msg in replies:
             site = reply_site(msg, known, sent_to)
@@ -166,6 +170,8 @@ class AdapterFedAvg(FedAvg):
             update = {k: v.numpy() for k, v in arrays.items()}
             reason = check_update(update, reference, self.max_update_norm) \
                 or check_weight(metrics)
+            if reason is None and reported is not None and site not in reported:
+                reason = MALFORMED_REPORT
             if reason:
                 rejected[site] = reason
                 continue

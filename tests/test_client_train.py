@@ -62,14 +62,16 @@ def test_train_writes_run_dir_and_ledger_matches(setup, tmp_path):
     assert PersistentAccountant.load(run / "accountant.json").steps == 8
 
 
-def test_train_refuses_over_budget(setup, tmp_path):
+@pytest.mark.parametrize("command, output", [("train", "adapter"), ("train-full", "model")])
+def test_training_over_budget_is_refused_before_any_step(setup, tmp_path, command, output):
     res = CliRunner().invoke(main, [
-        "train", "--data", str(setup / "silo.npz"), "--model", str(setup / "base"),
+        command, "--data", str(setup / "silo.npz"), "--model", str(setup / "base"),
         "--run-dir", str(tmp_path / "r"), "--sigma", "0.2", "--budget", "1", "--delta", "1e-3",
         "--batch-size", "10", "--device", "cpu", "--no-progress", "--sample-steps", "1",
         "--per-class", "1"])
     assert res.exit_code != 0 and "budget" in res.output
-    assert not (tmp_path / "r" / "adapter").exists()
+    assert not (tmp_path / "r" / output).exists()
+    assert PersistentAccountant.load(tmp_path / "r" / "accountant.json").steps == 0
 
 
 def _train_full(setup, run, *extra):
@@ -124,14 +126,3 @@ def test_train_full_from_scratch_writes_a_loadable_model(setup, tmp_path):
     assert again["epsilon"] > out["epsilon"]
     assert PersistentAccountant.load(run / "accountant.json").steps == 8
     assert load_ldm(run / "model").card["privacy"]["steps"] == 8
-
-
-def test_train_full_refuses_over_budget_and_writes_no_model(setup, tmp_path):
-    res = CliRunner().invoke(main, [
-        "train-full", "--data", str(setup / "silo.npz"), "--model", str(setup / "base"),
-        "--run-dir", str(tmp_path / "r"), "--sigma", "0.2", "--budget", "1", "--delta", "1e-3",
-        "--batch-size", "10", "--device", "cpu", "--no-progress", "--sample-steps", "1",
-        "--per-class", "1"])
-    assert res.exit_code != 0 and "budget" in res.output
-    assert not (tmp_path / "r" / "model").exists()
-    assert PersistentAccountant.load(tmp_path / "r" / "accountant.json").steps == 0

@@ -29,6 +29,18 @@ def _silo(path, seed, classes):
     write_npz(path, ImageSet(x, y.astype(np.int64), tuple(str(i) for i in range(10)), str(path)))
 
 
+def tiny_sites(tmp, base, **site):
+    """Three tiny non-IID silos on disk (classes 0-2, 3-5, 6-8) and the SiteConfig fields of
+    site-0..site-2 holding them; ``site`` overrides fields of all three."""
+    sites = []
+    for i, classes in enumerate([(0, 1, 2), (3, 4, 5), (6, 7, 8)]):
+        _silo(tmp / f"silo{i}.npz", i, classes)
+        sites.append({**dict(site_id=f"site-{i}", data=str(tmp / f"silo{i}.npz"),
+                             base_model=str(base), state_dir=str(tmp / f"state{i}"),
+                             epsilon_budget=8.0, delta=1e-3, device="cpu"), **site})
+    return sites
+
+
 def _run(args, timeout=420):
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -42,12 +54,7 @@ def _run(args, timeout=420):
 def federation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fed")
     base = save_ldm(build_ldm("tiny", seed=0), tmp / "base")
-    sites = []
-    for i, classes in enumerate([(0, 1, 2), (3, 4, 5), (6, 7, 8)]):
-        _silo(tmp / f"silo{i}.npz", i, classes)
-        sites.append(dict(site_id=f"site-{i}", data=str(tmp / f"silo{i}.npz"),
-                          base_model=str(base), state_dir=str(tmp / f"state{i}"),
-                          epsilon_budget=8.0, delta=1e-3, device="cpu"))
+    sites = tiny_sites(tmp, base)
     # site-2 already spent nearly all of its budget in an earlier run
     sites[2]["epsilon_budget"] = 2.0
     acc = PersistentAccountant.open(tmp / "state2" / "accountant.json", kind="rdp", delta=1e-3,

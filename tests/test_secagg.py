@@ -22,7 +22,7 @@ from dpfl.shared.errors import ConfigError
 from dpfl.shared.fedconfig import FedConfig
 from dpfl.shared.models import build_ldm, save_ldm
 
-from .test_federation import ALLOWED_METRICS, _silo
+from .test_federation import ALLOWED_METRICS, tiny_sites
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,12 +76,7 @@ def test_coordinator_screens_the_form_of_masked_replies(task_identity):
 
 def _sites(tmp):
     base = save_ldm(build_ldm("tiny", seed=0), tmp / "base")
-    sites = []
-    for i, classes in enumerate([(0, 1, 2), (3, 4, 5), (6, 7, 8)]):
-        _silo(tmp / f"silo{i}.npz", i, classes)
-        sites.append(dict(site_id=f"site-{i}", data=str(tmp / f"silo{i}.npz"),
-                          base_model=str(base), state_dir=str(tmp / f"state{i}"),
-                          epsilon_budget=8.0, delta=1e-3, device="cpu"))
+    sites = tiny_sites(tmp, base)
     cfg = dict(base_model=str(base), run_dir=str(tmp / "run"), num_rounds=2, batch_size=16,
                noise_multiplicity=2, target_epsilon=4.0, min_available_nodes=3,
                min_train_nodes=2, sample_steps=2, sample_every=0, lr=5e-3, secagg=True,
@@ -211,3 +206,21 @@ def test_a_site_that_drops_before_masking_costs_only_its_own_update(tmp_path):
     for key, mean in zip(keys, _weighted_mean(tmp_path, 1, ["site-0", "site-2"])):
         np.testing.assert_allclose(final[key].astype(np.float64), mean, rtol=0,
                                    atol=16 / 2**22 * 2 / (96 / 64) + 1e-6)
+
+
+def test_masked_update_without_a_recorded_report_stays_out_of_the_sum(tmp_path, task_identity):
+    """A site whose privacy report cannot be recorded is dropped before unmasking (SecAgg+
+    then treats it as a dropout): no aggregate may contain an update whose spend is not on
+    the ledger. A weight-0 reply still takes part, its masks must cancel."""
+    from dpfl.server.rounds import NodeSites
+    from dpfl.server.secagg import SecureRound
+
+    shapes = [(2, 3), (4,)]
+    good, unreported, idle = (_masked_reply([(1,), (2, 3), (4,)], w, w) for w in (40, 40, 0))
+    for msg, site in ((good, "h0"), (unreported, "h1"), (idle, "h2")):
+        msg.content["site"] = ConfigRecord({"site-id": site})
+    secure = SecureRound(None, None, NodeSites(tmp_path / "nodes.json"), 0.67, 64)
+    kept, rejected, accepted = secure._screen(1, [good, unreported, idle], [], shapes,
+                                              reported={"h0", "h2"})
+    assert kept == [good, idle] and accepted == 1
+    assert "malformed privacy report" in rejected["h1"]

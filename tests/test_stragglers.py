@@ -25,7 +25,7 @@ from dpfl.shared.accountant import PersistentAccountant
 from dpfl.shared.fedconfig import FedConfig, RoundPlan, SiteConfig
 from dpfl.shared.models import build_ldm, save_ldm
 
-from .test_federation import _silo
+from .test_federation import tiny_sites
 
 NODES = {11: "site-0", 12: "site-1", 13: "site-2"}
 STRAGGLER = 13
@@ -72,16 +72,17 @@ class StragglerGrid:
         return out
 
 
+def _sites(tmp, base) -> dict[int, Site]:
+    """The three tiny sites as real :class:`Site` objects, by the node id the grid uses."""
+    return {node: Site(SiteConfig(**fields)) for node, fields in
+            zip(NODES, tiny_sites(tmp, base, epsilon_budget=50.0))}
+
+
 @pytest.fixture(scope="module")
 def straggler(tmp_path_factory, task_identity):
     tmp = tmp_path_factory.mktemp("straggler")
     base = save_ldm(build_ldm("tiny", seed=0), tmp / "base")
-    sites = {}
-    for i, (node, name) in enumerate(NODES.items()):
-        _silo(tmp / f"silo{i}.npz", i, [(0, 1, 2), (3, 4, 5), (6, 7, 8)][i])
-        sites[node] = Site(SiteConfig(site_id=name, data=str(tmp / f"silo{i}.npz"),
-                                      base_model=str(base), state_dir=str(tmp / f"state{i}"),
-                                      epsilon_budget=50.0, delta=1e-3, device="cpu"))
+    sites = _sites(tmp, base)
     cfg = FedConfig(base_model=str(base), run_dir=str(tmp / "run"), num_rounds=2,
                     batch_size=16, noise_multiplicity=1, target_epsilon=4.0, lr=5e-3,
                     min_available_nodes=3, min_train_nodes=3, round_timeout=7.5,
@@ -136,12 +137,7 @@ def test_min_replies_keeps_the_global_adapter_but_records_the_spend(tmp_path, ta
     """Round 1 has 2 accepted updates (the straggler is late) and min-replies is 3: no new
     global adapter is made from two sites, but what they spent is in the ledger."""
     base = save_ldm(build_ldm("tiny", seed=0), tmp_path / "base")
-    sites = {}
-    for i, (node, name) in enumerate(NODES.items()):
-        _silo(tmp_path / f"silo{i}.npz", i, [(0, 1, 2), (3, 4, 5), (6, 7, 8)][i])
-        sites[node] = Site(SiteConfig(site_id=name, data=str(tmp_path / f"silo{i}.npz"),
-                                      base_model=str(base), state_dir=str(tmp_path / f"s{i}"),
-                                      epsilon_budget=50.0, delta=1e-3, device="cpu"))
+    sites = _sites(tmp_path, base)
     cfg = FedConfig(base_model=str(base), run_dir=str(tmp_path / "run"), num_rounds=1,
                     batch_size=16, noise_multiplicity=1, target_epsilon=4.0, lr=5e-3,
                     min_available_nodes=3, min_train_nodes=3, round_timeout=1.0,

@@ -97,3 +97,12 @@ def test_malformed_privacy_report_is_refused_not_fatal():
     for bad in (missing, {**full, "epsilon": float("nan")}, {**full, "budget": -1.0},
                 {**full, "num-examples": float("inf")}):
         assert Federation.report(None, reply(bad)) is None
+
+
+def test_an_update_without_a_recorded_privacy_report_is_not_averaged():
+    strat = AdapterFedAvg(excluded=lambda n: False)
+    a = {k: np.full(v.shape, 1.0, np.float32) for k, v in REF.items()}
+    replies = [_reply("a", a, 10), _reply("b", a, 10)]
+    ok, rejected = strat.split_replies(1, replies, REF, reported={"a"})
+    assert [m.content["site"]["site-id"] for m in ok] == ["a"]
+    assert "malformed privacy report" in rejected["b"]
