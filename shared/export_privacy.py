@@ -64,8 +64,10 @@ class PrivacyGuarantee:
     @classmethod
     def from_file(cls, path: str | Path) -> "PrivacyGuarantee":
         """Read any JSON object with ``epsilon``/``delta``/``accountant`` (or ``kind``, as in
-        ``dpfl-accountant/1`` state files), at the top level or under ``global``, and optional
-        per-client entries (``clients`` or ``per_client``). Numbers are taken as stated,
+        ``dpfl-accountant/1`` state files), at the top level or under ``global``, or
+        ``global_epsilon``/``global_delta`` with per-site entries under ``sites`` (a federated
+        run's ``adapter/privacy.json``), and optional per-client entries (``clients`` or
+        ``per_client``). Numbers are taken as stated,
         never computed or guessed: without an epsilon/delta pair the status is "unknown"."""
         p = Path(path)
         try:
@@ -76,11 +78,11 @@ class PrivacyGuarantee:
         if not isinstance(state, dict):
             raise ConfigError(f"privacy file {p} holds {type(state).__name__}, expected a JSON object")
         top = state.get("global") if isinstance(state.get("global"), dict) else state
-        eps = top.get("epsilon", top.get("eps"))
-        delta = top.get("delta", state.get("delta"))
+        eps = top.get("epsilon", top.get("eps", state.get("global_epsilon")))
+        delta = top.get("delta", state.get("delta", state.get("global_delta")))
         raw = p.read_bytes()
         detail = state if len(raw) <= 20000 else {"sha256": hashlib.sha256(raw).hexdigest()}
-        per_client = state.get("clients", state.get("per_client"))
+        per_client = state.get("clients", state.get("per_client", state.get("sites")))
         accountant = top.get("accountant", state.get("accountant", state.get("kind")))
         status = "stated" if eps is not None and delta is not None else "unknown"
         if status == "unknown":

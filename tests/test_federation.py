@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from dpfl.shared.accountant import PersistentAccountant
 from dpfl.shared.data import ImageSet, write_npz
+from dpfl.shared.export_privacy import PrivacyGuarantee
 from dpfl.shared.models import build_ldm, save_ldm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +129,13 @@ def test_global_adapter_changes_and_is_written(federation):
     assert b and any(np.abs(v).max() > 0 for v in b)  # B starts at zero
     assert (run / "samples_round_000.png").exists() and (run / "samples_round_002.png").exists()
     privacy = json.loads((run / "adapter" / "privacy.json").read_text())
-    assert privacy["global_epsilon"] == _ledger(federation)["global"]["epsilon"]
+    ledger = _ledger(federation)["global"]
+    assert privacy["global_epsilon"] == ledger["epsilon"]
+    # what `dpfl-server export --privacy` and the evaluation read from it: the same guarantee
+    stated = PrivacyGuarantee.from_file(run / "adapter" / "privacy.json")
+    assert (stated.status, stated.epsilon, stated.delta) == ("stated", ledger["epsilon"],
+                                                             ledger["delta"])
+    assert sorted(stated.per_client) == sorted(privacy["sites"]) and len(stated.per_client) == 3
 
 
 def test_restarted_coordinator_resumes_without_recounting(federation):
