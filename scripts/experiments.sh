@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The standard privacy-utility series on Fashion-MNIST (see server/experiment.py):
-#   bash scripts/experiments.sh [PRESET] [OUT]     (PRESET: tiny | cpu | full; default cpu)
+#   bash scripts/experiments.sh [PRESET] [OUT]     (PRESET: tiny | cpu | fulldata | full; default cpu)
 # Rows go to OUT/results.jsonl and OUT/results.md (default runs/experiments). On a 2-core CPU
 # the cpu preset takes about an hour without the scratch rows (add SCRATCH=1 for those).
 set -euo pipefail
