@@ -44,9 +44,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from dpfl.server.ledger import PrivacyLedger, SiteReport
+from dpfl.server.ledger import PrivacyLedger
 from dpfl.server.rounds import GlobalCheckpoint
-from dpfl.server.strategy import AdapterFedAvg
+from dpfl.server.strategy import AdapterFedAvg, site_report
 from dpfl.shared.fedconfig import RoundPlan
 from dpfl.shared.lora import adapter_state, spec_for_plan, wrap_unet
 from dpfl.shared.models import build_ldm, load_ldm
@@ -97,17 +97,6 @@ def reply_bytes(adapter: dict[str, np.ndarray], i: int, rng: np.random.Generator
     return message_to_proto(msg).SerializeToString()
 
 
-def report_of(msg: Message) -> SiteReport:
-    """The ledger entry of a reply (as ``Federation.report`` builds it)."""
-    m = msg.content.metric_records["metrics"]
-    return SiteReport(site=str(msg.content.config_records["site"]["site-id"]),
-                      epsilon=float(m["epsilon"]), delta=float(m["delta"]),
-                      budget=float(m["budget"]), sigma=float(m["sigma"]),
-                      sample_rate=float(m["sample-rate"]), steps=int(m["steps"]),
-                      examples=int(m["num-examples"]), exhausted=bool(m["exhausted"]),
-                      trained=bool(m["trained"]))
-
-
 class Stopwatch:
     """``with clock(name):`` adds wall seconds as ``name`` and CPU seconds of this process
     as ``cpu_name`` (CPU time is what a quiet machine would take; on a shared one the wall
@@ -140,8 +129,9 @@ def one_round(m: int, adapter: dict[str, np.ndarray], plan: RoundPlan, wire: lis
         replies = [message_from_proto(ProtoMessage.FromString(wire[i % len(wire)]))
                    for i in range(m)]
     with clock("validate"):
-        ok, rejected = strategy.split_replies(rnd, replies, adapter)
-        reports = [report_of(x) for x in replies]
+        reports = [r for r in map(site_report, replies) if r is not None]
+        ok, rejected = strategy.split_replies(rnd, replies, adapter,
+                                              reported={r.site for r in reports})
     if rejected or len(ok) != m:
         raise RuntimeError(f"benchmark replies were rejected: {rejected}")
     with clock("ledger"):

@@ -29,6 +29,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.fedconfig import RoundPlan
+from dpfl.shared.lora import travelling_keys
 
 from .site import Site
 
@@ -101,12 +102,12 @@ def secure_train(site: Site, msg: Message) -> Message:
                           "least the largest site's example count")
     update, metrics = site.train_round(plan, adapter)
     record: dict[str, Any] = {"site-id": site.cfg.site_id}
-    reference = {k: v for k, v in adapter.items() if not (plan.ffa and "lora_A" in k)}
+    reference = {k: adapter[k] for k in travelling_keys(adapter, plan.ffa)}
     reason = None if update is None else self_check(update, reference, clip_range, max_norm)
     if update is None or reason is not None:
         if reason is not None:
             record["withheld"] = reason
-        vector, weight = [np.zeros_like(reference[k]) for k in sorted(reference)], 0
+        vector, weight = [np.zeros_like(v) for v in reference.values()], 0
     else:
-        vector, weight = [update[k] for k in sorted(reference)], int(metrics["num-examples"])
+        vector, weight = [update[k] for k in reference], int(metrics["num-examples"])
     return Message(content=_fitres(vector, weight, metrics, record), reply_to=msg)

@@ -30,7 +30,7 @@ from dpfl.shared.dp import DPConfig, encode_silo, train_lora
 from dpfl.shared.errors import BudgetExhausted, DataError, IncompatibleAdapter, ModelError
 from dpfl.shared.fedconfig import RoundPlan, SiteConfig
 from dpfl.shared.io import atomic_write_bytes, ensure_dir
-from dpfl.shared.lora import spec_for_plan
+from dpfl.shared.lora import spec_for_plan, travelling_keys
 from dpfl.shared.models import LatentDiffusion, load_ldm
 from dpfl.shared.sources import load_source
 
@@ -156,8 +156,7 @@ class Site:
             exhausted = False
         except BudgetExhausted:
             exhausted = True
-        update = {k: v.numpy() for k, v in res.adapter.items()
-                  if not (plan.ffa and "lora_A" in k)}
+        update = {k: res.adapter[k].numpy() for k in travelling_keys(res.adapter, plan.ffa)}
         log.info("site %s: trained %d steps, epsilon %.3f of %g%s", self.cfg.site_id, res.steps,
                  res.epsilon, acc.budget, " (budget exhausted after this round)" if exhausted else "")
         self._log_local(res)

@@ -396,8 +396,9 @@ def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
 @click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=1e-5)
 @click.option("--preset", type=click.Choice(["tiny", "cpu", "fulldata", "full"]), default="cpu",
-              help="tiny: a test-sized check; cpu: minutes on 2 cores; fulldata: all private data and "
-                   "60,000 synthetic images, about 2 h on 2 cores; full: paper size (GPU).")
+              help="tiny: a test-sized check; cpu: minutes on 2 cores; fulldata: all private "
+                   "data and 60,000 synthetic images, about 1.5 h per federated row on 2 "
+                   "cores; full: paper size (GPU).")
 @click.option("--base-model", type=click.Path(), default="models/fmnist-base")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/experiments",
               help="Parent folder: one run directory per row, results.jsonl and results.md.")

@@ -17,8 +17,9 @@ report (``report/report.html``) and ``row.json``; the parent folder collects eve
 ``results.jsonl`` and renders ``results.md``, the table ``docs/results.md`` quotes.
 
 Presets set the size: ``tiny`` (seconds of DP training, for tests), ``cpu`` (minutes on 2 CPU
-cores), ``fulldata`` (all 45,000 private images and 60,000 synthetic ones, training cut to
-about an hour of 2 CPU cores per row), ``full`` (the paper-size protocol: 60,000 synthetic images; meant for a GPU).
+cores), ``fulldata`` (all 45,000 private images and 60,000 synthetic ones, DP training cut
+to about an hour of 2 CPU cores per row), ``full`` (the paper-size protocol: 60,000
+synthetic images, 30 passes at K = 8; meant for a GPU).
 """
 
 from __future__ import annotations

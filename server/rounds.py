@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,25 +31,20 @@ from dpfl.shared.errors import StateError
 from dpfl.shared.fedconfig import FedConfig, RoundPlan
 from dpfl.shared.io import atomic_write_bytes, atomic_write_json
 from dpfl.shared.lora import (adapter_state, load_adapter_state, save_adapter, spec_for_plan,
-                              wrap_unet)
+                              travelling_keys, wrap_unet)
 from dpfl.shared.models import LatentDiffusion, load_ldm
 from dpfl.shared.rundir import RunDir
 from dpfl.shared.report import try_write_report
 from dpfl.shared.sampling import class_grid
 
 from .clientdp import ClientLevelDP
-from .ledger import PrivacyLedger, SiteReport
+from .ledger import PrivacyLedger
 from .runlock import RunLock
 from .secagg import SecureRound
-from .strategy import (ARRAYS, METRICS, SITE, AdapterFedAvg, current_replies,
-                       reply_site)
+from .strategy import (ARRAYS, SITE, AdapterFedAvg, current_replies, reply_site,
+                       site_report)
 
 log = logging.getLogger(__name__)
-
-
-def travelling_keys(adapter: dict[str, np.ndarray], ffa: bool) -> list[str]:
-    """Keys sites send back: everything, or with FFA-LoRA everything but the frozen A."""
-    return sorted(k for k in adapter if not (ffa and "lora_A" in k))
 
 
 class GlobalCheckpoint:
@@ -107,28 +101,6 @@ class Federation:
             log.info("resuming after round %d from %s", saved[0], self.checkpoint.folder)
             return saved
         return 0, {k: v.numpy() for k, v in adapter_state(self.model).items()}
-
-    def report(self, msg: Message) -> SiteReport | None:
-        if msg.has_error():
-            return None
-        m = msg.content.metric_records.get(METRICS)
-        if m is None or "epsilon" not in m:
-            return None
-        try:
-            rep = SiteReport(site=reply_site(msg), epsilon=float(m["epsilon"]),
-                             delta=float(m["delta"]), budget=float(m["budget"]),
-                             sigma=float(m["sigma"]), sample_rate=float(m["sample-rate"]),
-                             steps=int(m["steps"]), examples=int(m["num-examples"]),
-                             exhausted=bool(m["exhausted"]), trained=bool(m["trained"]))
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            log.warning("privacy report of %s is malformed (%s: %s); its update is rejected",
-                        reply_site(msg), type(exc).__name__, exc)
-            return None
-        if not all(math.isfinite(v) and v >= 0 for v in (rep.epsilon, rep.delta, rep.budget)):
-            log.warning("privacy report of %s holds a non-finite or negative value; its "
-                        "update is rejected", rep.site)
-            return None
-        return rep
 
     def sample_grid(self, adapter: dict[str, np.ndarray], name: str, title: str) -> Path:
         load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in adapter.items()})
@@ -214,7 +186,7 @@ def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
             replies = current_replies(rnd, replies, sent_to)  # a straggler's: dropped
             node_site.update(replies)
             keys = travelling_keys(adapter, cfg.ffa)
-            reports = [r for r in map(fed.report, replies) if r is not None]
+            reports = [r for r in map(site_report, replies) if r is not None]
             ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys},
                                                   node_site.map, sent_to,
                                                   reported={r.site for r in reports})

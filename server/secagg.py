@@ -44,7 +44,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from .strategy import MALFORMED_REPORT, METRICS, reply_site
+from .strategy import MALFORMED_REPORT, METRICS, reply_site, site_report
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class SecureRound:
         outcome: dict = {}
 
         def screen(sent: list[Message], replies: list[Message]) -> list[Message]:
-            reports = [r for r in map(self.fed.report, replies) if r is not None]
+            reports = [r for r in map(site_report, replies) if r is not None]
             kept, rejected, accepted = self._screen(rnd, replies, sent, shapes,
                                                     {r.site for r in reports})
             if len(sent) > len(replies):

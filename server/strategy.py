@@ -26,6 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from .ledger import SiteReport
+
 log = logging.getLogger(__name__)
 
 ARRAYS, METRICS, SITE, CONFIG = "arrays", "metrics", "site", "config"
@@ -86,6 +88,32 @@ def reply_site(msg: Message, known: Mapping[int, str] | None = None,
         if site and "site-id" in site:
             return str(site["site-id"])
     return (known or {}).get(node) or f"node-{node}"
+
+
+def site_report(msg: Message) -> SiteReport | None:
+    """The privacy report a reply carries, for the ledger; None when it has none or it is
+    malformed (missing fields, wrong types, non-finite or negative epsilon/delta/budget):
+    :meth:`AdapterFedAvg.split_replies` (``reported``) then keeps its update out."""
+    if msg.has_error():
+        return None
+    m = msg.content.metric_records.get(METRICS)
+    if m is None or "epsilon" not in m:
+        return None
+    try:
+        rep = SiteReport(site=reply_site(msg), epsilon=float(m["epsilon"]),
+                         delta=float(m["delta"]), budget=float(m["budget"]),
+                         sigma=float(m["sigma"]), sample_rate=float(m["sample-rate"]),
+                         steps=int(m["steps"]), examples=int(m["num-examples"]),
+                         exhausted=bool(m["exhausted"]), trained=bool(m["trained"]))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        log.warning("privacy report of %s is malformed (%s: %s); its update is rejected",
+                    reply_site(msg), type(exc).__name__, exc)
+        return None
+    if not all(math.isfinite(v) and v >= 0 for v in (rep.epsilon, rep.delta, rep.budget)):
+        log.warning("privacy report of %s holds a non-finite or negative value; its "
+                    "update is rejected", rep.site)
+        return None
+    return rep
 
 
 def current_replies(server_round: int, replies: Iterable[Message],

@@ -171,6 +171,12 @@ def spec_for_plan(plan) -> LoraSpec:
                     freeze_a=plan.ffa)
 
 
+def travelling_keys(adapter_keys, ffa: bool) -> list[str]:
+    """Adapter keys a site sends back after a round, sorted: every key, or with FFA-LoRA every
+    key but the frozen (shared, never trained) ``lora_A`` matrices."""
+    return sorted(k for k in adapter_keys if not (ffa and "lora_A" in k))
+
+
 def trainable_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

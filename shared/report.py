@@ -65,9 +65,10 @@ def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None
     if kind == "run" and not cfg and not any(run_dir.glob("*.png")):
         raise StateError(f"{run_dir} holds no dpfl run (no config.json, ledger.json, "
                          "accountant.json or images); give the run directory itself")
-    inner = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
-    title = "central DP run of the whole UNet" if kind == "central" and \
-        inner.get("mode") == "full" else TITLES[kind]
+    if kind == "central":
+        from .report_central import central_sections, trains_whole_unet  # Opacus (seconds)
+    whole_unet = kind == "central" and trains_whole_unet(cfg)
+    title = "central DP run of the whole UNet" if whole_unet else TITLES[kind]
     doc = Doc(f"dpfl {title}: {run_dir.resolve().name}")
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     doc.p(f"Run directory {run_dir.resolve()}; started {cfg.get('started', 'unknown')}; "
@@ -75,8 +76,6 @@ def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None
     if kind == "federated":
         federated_sections(doc, run_dir, site_dirs)
     elif kind == "central":
-        from .report_central import central_sections  # imports Opacus (seconds)
-
         central_sections(doc, run_dir, cfg, read_records(run_dir / "metrics.jsonl", "metrics"))
     else:
         for png in sorted(run_dir.glob("*.png")):

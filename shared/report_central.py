@@ -67,12 +67,20 @@ def _accountant_path(run_dir: Path, cfg: dict[str, Any]) -> Path:
     return path if path.is_absolute() or path.exists() else run_dir / path
 
 
+def _inner(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+
+
+def trains_whole_unet(cfg: dict[str, Any]) -> bool:
+    """Whether a central run's config.json is a ``dpfl-client train-full`` run."""
+    return _inner(cfg).get("mode") == "full"
+
+
 def trained_part(cfg: dict[str, Any]) -> tuple[str, str, str]:
     """(what is DP, 'before' caption, 'after' caption) of a central run: the LoRA adapter
     (``dpfl-client train``) or the whole UNet (``dpfl-client train-full``)."""
-    inner = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
-    if inner.get("mode") == "full":
-        init = inner.get("init", "scratch")
+    if trains_whole_unet(cfg):
+        init = _inner(cfg).get("init", "scratch")
         start = "the random UNet (scratch)" if init == "scratch" else "the base model"
         return ("the whole UNet (RUN_DIR/model)", f"{start}, before DP training",
                 "after DP training of every UNet parameter")

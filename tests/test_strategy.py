@@ -81,7 +81,7 @@ def test_error_reply_from_a_dead_node_is_rejected_not_fatal():
 
 
 def test_malformed_privacy_report_is_refused_not_fatal():
-    from dpfl.server.rounds import Federation
+    from dpfl.server.strategy import site_report
 
     full = {"epsilon": 1.5, "delta": 1e-5, "budget": 10.0, "sigma": 1.1, "sample-rate": 0.1,
             "steps": 7, "num-examples": 70, "exhausted": 0, "trained": 1}
@@ -91,12 +91,12 @@ def test_malformed_privacy_report_is_refused_not_fatal():
                                            "site": ConfigRecord({"site-id": "h1"})}),
                        dst_node_id=0, message_type="train")
 
-    good = Federation.report(None, reply(full))
+    good = site_report(reply(full))
     assert good.site == "h1" and good.epsilon == 1.5 and good.steps == 7
     missing = {k: v for k, v in full.items() if k != "sigma"}
     for bad in (missing, {**full, "epsilon": float("nan")}, {**full, "budget": -1.0},
                 {**full, "num-examples": float("inf")}):
-        assert Federation.report(None, reply(bad)) is None
+        assert site_report(reply(bad)) is None
 
 
 def test_an_update_without_a_recorded_privacy_report_is_not_averaged():
