@@ -44,12 +44,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from dpfl.server.ledger import PrivacyLedger
+from dpfl.shared.federation.ledger import PrivacyLedger
 from dpfl.server.rounds import GlobalCheckpoint
 from dpfl.server.strategy import AdapterFedAvg, site_report
-from dpfl.shared.fedconfig import RoundPlan
-from dpfl.shared.lora import adapter_state, spec_for_plan, wrap_unet
-from dpfl.shared.models import build_ldm, load_ldm
+from dpfl.shared.federation.config import RoundPlan
+from dpfl.shared.ldm.lora import adapter_state, spec_for_plan, wrap_unet
+from dpfl.shared.ldm.models import build_ldm, load_ldm
 
 STAGES = ("configure", "receive", "validate", "ledger", "aggregate", "checkpoint")
 
@@ -183,7 +183,7 @@ def fit(rows: list[dict], round_s: list[float], key: str = "total_s") -> dict:
 
 def grid_seconds(model: str, steps: int) -> tuple[float, float]:
     """One global sample grid (6 per class, as the coordinator writes every sample-every)."""
-    from dpfl.shared.sampling import class_grid
+    from dpfl.shared.ldm.sampling import class_grid
 
     ldm = build_ldm("tiny", seed=0) if model == "tiny" else load_ldm(model)
     with tempfile.TemporaryDirectory() as tmp:

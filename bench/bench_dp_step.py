@@ -1,7 +1,7 @@
 """Benchmark (not a test): one DP-SGD step vs the same non-private step.
 
 ``--mode lora`` (default): LoRA adapters only (DP-LoRA); ``--mode full``: every UNet
-parameter (the DPDM-style from-scratch baseline, :mod:`dpfl.shared.dp_full`). Same model,
+parameter (the DPDM-style from-scratch baseline, :mod:`dpfl.shared.privacy.full`). Same model,
 batch and K; K = 1, 4, 8. Prints one JSON line per K and the DP/plain ratio (product goal
 for DP-LoRA: <= 1.3). Usage::
 
@@ -20,11 +20,11 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from dpfl.shared.diffusion import expand_draws, row_losses
-from dpfl.shared.dp import physical_step, resolve_device
-from dpfl.shared.dp_full import full_unet
-from dpfl.shared.lora import LoraSpec, trainable_count, wrap_unet
-from dpfl.shared.models import build_ldm, load_ldm
+from dpfl.shared.ldm.diffusion import expand_draws, row_losses
+from dpfl.shared.privacy.dpsgd import physical_step, resolve_device
+from dpfl.shared.privacy.full import full_unet
+from dpfl.shared.ldm.lora import LoraSpec, trainable_count, wrap_unet
+from dpfl.shared.ldm.models import build_ldm, load_ldm
 
 
 def _sync(dev: torch.device) -> None:

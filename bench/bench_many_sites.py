@@ -141,7 +141,7 @@ def disk_usage(run_dir: Path) -> dict:
 
 
 def _fed_config(args: argparse.Namespace, work: Path, n: int, f: float):
-    from dpfl.shared.fedconfig import FedConfig
+    from dpfl.shared.federation.config import FedConfig
 
     return FedConfig(base_model=str(work / "base"), run_dir=str(work / "run"),
                      num_rounds=args.rounds, fraction_train=f, min_available_nodes=n,
@@ -152,7 +152,7 @@ def _fed_config(args: argparse.Namespace, work: Path, n: int, f: float):
 def prepare(args: argparse.Namespace) -> None:
     """Child process 1 (not measured): the tiny base model and N silos on disk."""
     from dpfl.server.simulate import SimulationSetup, prepare_sites
-    from dpfl.shared.models import build_ldm, save_ldm
+    from dpfl.shared.ldm.models import build_ldm, save_ldm
 
     work, (n, f, _) = Path(args.work), args.job
     save_ldm(build_ldm("tiny", seed=0), work / "base")
@@ -168,7 +168,7 @@ def federate(args: argparse.Namespace) -> None:
     import torch
 
     from dpfl.server.simulate import run_sites
-    from dpfl.shared.fedconfig import SiteConfig
+    from dpfl.shared.federation.config import SiteConfig
 
     torch.set_num_threads(1)
     work, (n, f, c) = Path(args.work), args.job

@@ -44,8 +44,8 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker == "torch":
         import torch
 
-        from dpfl.shared.diffusion import ddim_sample
-        from dpfl.shared.models import build_ldm
+        from dpfl.shared.ldm.diffusion import ddim_sample
+        from dpfl.shared.ldm.models import build_ldm
 
         torch.set_num_threads(args.threads)
         ldm = build_ldm(args.preset, seed=0)
@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> dict:
                             generator=torch.Generator().manual_seed(0))
             ldm.decode(z)
     else:
-        from dpfl.shared.edge import EdgeBundle, SamplerConfig, sample_images
+        from dpfl.shared.edge.sampler import EdgeBundle, SamplerConfig, sample_images
 
         bundle = EdgeBundle.load(args.bundle, variant=args.worker, threads=args.threads)
         cfg = SamplerConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch)
@@ -87,8 +87,8 @@ def main() -> None:
         return
     import torch
 
-    from dpfl.shared.export import ExportConfig, export_bundle
-    from dpfl.shared.models import build_ldm
+    from dpfl.shared.export.onnx_bundle import ExportConfig, export_bundle
+    from dpfl.shared.ldm.models import build_ldm
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

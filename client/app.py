@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfl.shared.fedconfig import RoundPlan, SiteConfig
+from dpfl.shared.federation.config import RoundPlan, SiteConfig
 
-from .secagg import FITINS, secagg_mod, secure_train
-from .site import Site
+from dpfl.client.secagg import FITINS, secagg_mod, secure_train
+from dpfl.client.site import Site
 
 _CACHE_SIZE = 4  # sites kept warm per process: memory is bounded by concurrency, not by N
 

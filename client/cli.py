@@ -14,7 +14,7 @@ from dpfl.shared.errors import DpflError
 
 if TYPE_CHECKING:  # imported lazily below: the CLI starts fast
     from dpfl.client.train import TrainJob
-    from dpfl.shared.dp import DPConfig
+    from dpfl.shared.privacy.dpsgd import DPConfig
 
 CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
@@ -41,7 +41,7 @@ def data() -> None:
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (they are listed).")
 def inspect(source: str, skip_bad: bool) -> None:
     """Read SOURCE (image folder, .npz, IDX file or fmnist:private...) and summarise it."""
-    from dpfl.shared.sources import load_source
+    from dpfl.shared.data.sources import load_source
 
     try:
         ds = load_source(source, skip_bad=skip_bad)
@@ -64,9 +64,9 @@ def inspect(source: str, skip_bad: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="silos")
 def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, out: str) -> None:
     """Split SOURCE into client silos written as OUT/client-<i>.npz (for simulations)."""
-    from dpfl.shared.data import write_npz
-    from dpfl.shared.partition import partition as split
-    from dpfl.shared.sources import load_source
+    from dpfl.shared.data.readers import write_npz
+    from dpfl.shared.data.partition import partition as split
+    from dpfl.shared.data.sources import load_source
 
     try:
         ds = load_source(source)
@@ -134,7 +134,7 @@ def _run_options(run_dir: str, lr: float, physical_batch: int, model_help: str):
 def _job_and_dp(o: dict) -> tuple[TrainJob, DPConfig]:
     """(TrainJob, DPConfig) from the :func:`_run_options` values; raises ConfigError."""
     from dpfl.client.train import TrainJob
-    from dpfl.shared.dp import DPConfig
+    from dpfl.shared.privacy.dpsgd import DPConfig
 
     dp = DPConfig(clip=o["clip"], noise_multiplier=o["sigma"], target_epsilon=o["epsilon"],
                   delta=o["delta"], accountant=o["accountant"], batch_size=o["batch_size"],
@@ -162,7 +162,7 @@ def _job_and_dp(o: dict) -> tuple[TrainJob, DPConfig]:
 def train(preset, rank, alpha, dropout, blocks, class_embedding, **run) -> None:
     """DP-LoRA fine-tuning on one local silo (central mode): writes RUN_DIR with the adapter."""
     from dpfl.client.train import run_train
-    from dpfl.shared.lora import LoraSpec
+    from dpfl.shared.ldm.lora import LoraSpec
 
     try:
         lora = LoraSpec(preset=preset, rank=rank, alpha=alpha, dropout=dropout,
@@ -236,7 +236,7 @@ def join(superlink: str, ca_cert: str, node_key: str, runtime_port: int,
          max_wait_time: float, **site) -> None:
     """Join a federation: a SuperNode serving this site's DP training (runs until stopped)."""
     from dpfl.client.deploy import SiteNode, preflight, run_node
-    from dpfl.shared.fedconfig import SiteConfig
+    from dpfl.shared.federation.config import SiteConfig
 
     try:
         node = SiteNode(site=SiteConfig(**site), superlink=superlink, ca_cert=Path(ca_cert),

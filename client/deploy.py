@@ -2,7 +2,7 @@
 authenticates with the site's private key, and serves the dpfl ClientApp.
 
 The site's own settings travel as the SuperNode's node config (kebab-case keys of
-:class:`dpfl.shared.fedconfig.SiteConfig`: site-id, data, base-model, state-dir,
+:class:`dpfl.shared.federation.config.SiteConfig`: site-id, data, base-model, state-dir,
 epsilon-budget, delta, accountant, max-physical-batch, secure-mode, device). They are
 validated here before anything starts, and again by the ClientApp for every message; the
 coordinator cannot change them.
@@ -20,10 +20,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpfl.shared.certs import check_ca_certificate, check_node_private_key, check_superlink
+from dpfl.shared.deploy.certs import check_ca_certificate, check_node_private_key, check_superlink
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.fedconfig import SiteConfig
-from dpfl.shared.flwrproc import flwr_bin, flwr_env
+from dpfl.shared.federation.config import SiteConfig
+from dpfl.shared.deploy.flwrproc import flwr_bin, flwr_env
 from dpfl.shared.io import ensure_dir
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.fedconfig import RoundPlan
-from dpfl.shared.lora import travelling_keys
+from dpfl.shared.federation.config import RoundPlan
+from dpfl.shared.ldm.lora import travelling_keys
 
-from .site import Site
+from dpfl.client.site import Site
 
 FITINS = "fitins.parameters"  # the legacy record a SecAgg+ training message carries
 # keys of the coordinator's fitins config that are not part of the RoundPlan

@@ -10,7 +10,7 @@ private silo. Writes a run directory::
     samples_after.png  class grid with the adapter
     adapter/           peft adapter directory (adapter_config.json + safetensors)
     accountant.json    the client's privacy ledger (committed before training starts)
-    report/            report.html (self-contained) and report.md with plots (dpfl.shared.report)
+    report/            report.html (self-contained) and report.md with plots (dpfl.shared.report.build)
 
 Rerunning in the same run directory continues the same ledger (ε accumulates).
 """
@@ -25,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from dpfl.shared.accountant import PersistentAccountant
-from dpfl.shared.data import ImageSet
-from dpfl.shared.dp import DPConfig, encode_silo, train_lora
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.data.readers import ImageSet
+from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo, train_lora
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.lora import LoraSpec, load_adapter_state, merged_unet, save_adapter, wrap_unet
-from dpfl.shared.models import load_ldm
-from dpfl.shared.report import try_write_report
+from dpfl.shared.ldm.lora import LoraSpec, load_adapter_state, merged_unet, save_adapter, wrap_unet
+from dpfl.shared.ldm.models import load_ldm
+from dpfl.shared.report.build import try_write_report
 from dpfl.shared.rundir import RunDir
-from dpfl.shared.sampling import class_grid
-from dpfl.shared.sources import load_source
+from dpfl.shared.ldm.sampling import class_grid
+from dpfl.shared.data.sources import load_source
 
 log = logging.getLogger(__name__)
 

@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.client.train import TrainJob, open_silo_and_ledger
-from dpfl.shared.dp import DPConfig, encode_silo
-from dpfl.shared.dp_full import train_full
+from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo
+from dpfl.shared.privacy.full import train_full
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.io import atomic_write_json
-from dpfl.shared.models import LatentDiffusion, fingerprint_modules, fresh_unet, load_ldm
-from dpfl.shared.models import save_ldm
+from dpfl.shared.ldm.models import LatentDiffusion, fingerprint_modules, fresh_unet, load_ldm
+from dpfl.shared.ldm.models import save_ldm
 from dpfl.shared.rundir import RunDir
-from dpfl.shared.sampling import class_grid
+from dpfl.shared.ldm.sampling import class_grid
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from dpfl.shared.fedconfig import FedConfig
+from dpfl.shared.federation.config import FedConfig
 
-from .rounds import run_federation
+from dpfl.server.rounds import run_federation
 
 
 def make_server_app(cfg: FedConfig | None = None) -> ServerApp:

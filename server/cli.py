@@ -50,8 +50,8 @@ def pretrain(data: str, run_dir: str, out: str | None, threads: int, **kw) -> No
     """Train the base LDM (autoencoder, then UNet) on public data. Resumable."""
     import torch
 
-    from dpfl.shared.pretrain import PretrainConfig, pretrain as run_pretrain
-    from dpfl.shared.sources import load_source
+    from dpfl.shared.ldm.pretrain import PretrainConfig, pretrain as run_pretrain
+    from dpfl.shared.data.sources import load_source
 
     if threads:
         torch.set_num_threads(threads)
@@ -77,8 +77,8 @@ def pretrain(data: str, run_dir: str, out: str | None, threads: int, **kw) -> No
 @click.option("--seed", type=int, default=0)
 def sample(model_dir: str, out: str, per_class: int, steps: int, guidance: float, seed: int) -> None:
     """Sample a class grid PNG from a base model directory."""
-    from dpfl.shared.models import load_ldm
-    from dpfl.shared.sampling import class_grid
+    from dpfl.shared.ldm.models import load_ldm
+    from dpfl.shared.ldm.sampling import class_grid
 
     try:
         ldm = load_ldm(model_dir)
@@ -93,7 +93,7 @@ def sample(model_dir: str, out: str, per_class: int, steps: int, guidance: float
 @click.argument("model_dir", type=click.Path())
 def info(model_dir: str) -> None:
     """Print a model directory's card and fingerprint (recomputed from the weights)."""
-    from dpfl.shared.models import load_ldm
+    from dpfl.shared.ldm.models import load_ldm
 
     try:
         ldm = load_ldm(model_dir)
@@ -140,7 +140,7 @@ def evaluate(out: str, threads: int, progress: bool, **kw) -> None:
     domain Fréchet distance, precision/recall, and FID with a local Inception file."""
     import torch
 
-    from dpfl.shared.evaluate import EvalConfig, evaluate as run_evaluate, summary_table
+    from dpfl.shared.eval.evaluate import EvalConfig, evaluate as run_evaluate, summary_table
 
     if threads:
         torch.set_num_threads(threads)
@@ -176,8 +176,8 @@ def export(model_dir: str, adapter: str | None, out: str, privacy: str | None,
            epsilon: float | None, delta: float | None, fp16: bool, int8: bool, tolerance: float,
            image_tolerance: float, overwrite: bool) -> None:
     """Merge an adapter into the base model and write an ONNX bundle for dpfl-sample."""
-    from dpfl.shared.export import ExportConfig, PrivacyGuarantee, export_bundle
-    from dpfl.shared.models import load_ldm
+    from dpfl.shared.export.onnx_bundle import ExportConfig, PrivacyGuarantee, export_bundle
+    from dpfl.shared.ldm.models import load_ldm
 
     try:
         if privacy and (epsilon is not None or delta is not None):
@@ -221,9 +221,9 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
              max_examples: int, epsilon_budget: float, delta: float, cpus_per_site: float,
              gpus_per_site: float, run_dir: str, overrides: tuple[str, ...]) -> None:
     """Federated DP fine-tuning of N simulated sites (Flower simulation engine)."""
-    from dpfl.server.ledger import PrivacyLedger
+    from dpfl.shared.federation.ledger import PrivacyLedger
     from dpfl.server.simulate import SimulationSetup, simulate as run_simulation
-    from dpfl.shared.fedconfig import FedConfig
+    from dpfl.shared.federation.config import FedConfig
 
     try:
         pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
@@ -252,7 +252,7 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
 def report(run_dir: str, sites: tuple[str, ...]) -> None:
     """Render RUN_DIR/report/ (report.html, report.md, plots) from the files of a federated
     or central run; safe to repeat at any time, also for a crashed or resumed run."""
-    from dpfl.shared.report import write_report
+    from dpfl.shared.report.build import write_report
 
     try:
         if not all("=" in s for s in sites):
@@ -353,8 +353,8 @@ def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
             overrides: tuple[str, ...], timeout: float, wait: bool) -> None:
     """Submit the federated DP fine-tuning run to a running coordinator SuperLink."""
     from dpfl.server import deploy
-    from dpfl.server.ledger import PrivacyLedger
-    from dpfl.shared.fedconfig import FedConfig
+    from dpfl.shared.federation.ledger import PrivacyLedger
+    from dpfl.shared.federation.config import FedConfig
 
     try:
         pairs = dict(o.split("=", 1) for o in overrides if "=" in o)

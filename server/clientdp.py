@@ -1,6 +1,6 @@
 """Optional client-level DP on the coordinator: DP-FedAvg with fixed clipping.
 
-Record-level DP (each site's DP-SGD, see :mod:`dpfl.shared.dp`) protects every image. Client-
+Record-level DP (each site's DP-SGD, see :mod:`dpfl.shared.privacy.dpsgd`) protects every image. Client-
 level DP (McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR
 2018) protects a whole site's participation: the coordinator clips each site's update to an
 L2 norm ``S``, averages with *equal* weights over the ``m`` sites it sampled (a fixed
@@ -15,7 +15,7 @@ own accountant for its fixed-clipping wrapper makes the same no-amplification ch
 wrapper itself needs equal example weights and whole-model arrays, which our FFA-LoRA replies
 are not, so the clipping comes from Flower's helper and the rest lives here.)
 
-The spend is committed durably (:class:`~dpfl.shared.accountant.PersistentAccountant`)
+The spend is committed durably (:class:`~dpfl.shared.privacy.accountant.PersistentAccountant`)
 before the noised aggregate exists, and a round that would exceed the client-level budget is
 not run.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 
-from dpfl.shared.accountant import PersistentAccountant
+from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.errors import BudgetExhausted
 
 log = logging.getLogger(__name__)

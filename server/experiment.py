@@ -12,7 +12,7 @@ images). One *setting* per call:
 ``floor``      the public base model's samples, no fine-tuning (ε = 0: private data untouched)
 ``ceiling``    the same CNN trained on real private images (no privacy: ε = ∞)
 
-Each run directory gets ``evaluation/evaluation.json`` (:mod:`dpfl.shared.evaluate`), the run
+Each run directory gets ``evaluation/evaluation.json`` (:mod:`dpfl.shared.eval.evaluate`), the run
 report (``report/report.html``) and ``row.json``; the parent folder collects every row in
 ``results.jsonl`` and renders ``results.md``, the table ``docs/results.md`` quotes.
 
@@ -149,7 +149,7 @@ def machine() -> str:
 
 
 def _eval_config(exp: Experiment, **kw: Any):
-    from dpfl.shared.evaluate import EvalConfig
+    from dpfl.shared.eval.evaluate import EvalConfig
 
     s = exp.sizes
     return EvalConfig(per_class=s.per_class, steps=s.sample_steps, guidance=s.guidance,
@@ -159,9 +159,9 @@ def _eval_config(exp: Experiment, **kw: Any):
 
 
 def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from dpfl.server.ledger import PrivacyLedger
+    from dpfl.shared.federation.ledger import PrivacyLedger
     from dpfl.server.simulate import SimulationSetup, simulate
-    from dpfl.shared.fedconfig import FedConfig
+    from dpfl.shared.federation.config import FedConfig
 
     s = exp.sizes
     cfg = FedConfig(base_model=exp.base_model, run_dir=str(run), num_rounds=s.rounds,
@@ -182,8 +182,8 @@ def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, An
 
 def _central(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from dpfl.client.train import TrainJob, run_train
-    from dpfl.shared.dp import DPConfig
-    from dpfl.shared.lora import LoraSpec
+    from dpfl.shared.privacy.dpsgd import DPConfig
+    from dpfl.shared.ldm.lora import LoraSpec
 
     s = exp.sizes
     job = TrainJob(data=f"fmnist:private@{exp.seed}", model=exp.base_model, run_dir=str(run),
@@ -201,7 +201,7 @@ def _central(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]
 def _scratch(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from dpfl.client.train import TrainJob
     from dpfl.client.train_full import run_train_full
-    from dpfl.shared.dp import DPConfig
+    from dpfl.shared.privacy.dpsgd import DPConfig
 
     s = exp.sizes
     job = TrainJob(data=f"fmnist:private@{exp.seed}", model=exp.base_model, run_dir=str(run),
@@ -216,8 +216,8 @@ def _scratch(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]
 
 def run_experiment(exp: Experiment, command: str | None = None) -> dict[str, Any]:
     """Train (per setting), evaluate, write the report and the row; returns the row."""
-    from dpfl.shared.evaluate import evaluate
-    from dpfl.shared.report import try_write_report
+    from dpfl.shared.eval.evaluate import evaluate
+    from dpfl.shared.report.build import try_write_report
 
     run = exp.run_dir
     run.mkdir(parents=True, exist_ok=True)

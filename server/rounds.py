@@ -28,20 +28,20 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from dpfl.shared.errors import StateError
-from dpfl.shared.fedconfig import FedConfig, RoundPlan
+from dpfl.shared.federation.config import FedConfig, RoundPlan
 from dpfl.shared.io import atomic_write_bytes, atomic_write_json
-from dpfl.shared.lora import (adapter_state, load_adapter_state, save_adapter, spec_for_plan,
+from dpfl.shared.ldm.lora import (adapter_state, load_adapter_state, save_adapter, spec_for_plan,
                               travelling_keys, wrap_unet)
-from dpfl.shared.models import LatentDiffusion, load_ldm
+from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
 from dpfl.shared.rundir import RunDir
-from dpfl.shared.report import try_write_report
-from dpfl.shared.sampling import class_grid
+from dpfl.shared.report.build import try_write_report
+from dpfl.shared.ldm.sampling import class_grid
 
-from .clientdp import ClientLevelDP
-from .ledger import PrivacyLedger
-from .runlock import RunLock
-from .secagg import SecureRound
-from .strategy import (ARRAYS, SITE, AdapterFedAvg, current_replies, reply_site,
+from dpfl.server.clientdp import ClientLevelDP
+from dpfl.shared.federation.ledger import PrivacyLedger
+from dpfl.server.runlock import RunLock
+from dpfl.server.secagg import SecureRound
+from dpfl.server.strategy import (ARRAYS, SITE, AdapterFedAvg, current_replies, reply_site,
                        site_report)
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ What the coordinator can no longer check, the sites check before masking
 ``max-update-norm``. The coordinator still checks the released aggregate (shapes,
 finiteness, and its distance from the global adapter, which a weighted mean of bounded
 updates cannot exceed). Client-level DP needs each update clipped before the sum and is
-refused with SecAgg+ (see :class:`dpfl.shared.fedconfig.FedConfig`).
+refused with SecAgg+ (see :class:`dpfl.shared.federation.config.FedConfig`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from .strategy import MALFORMED_REPORT, METRICS, reply_site, site_report
+from dpfl.server.strategy import MALFORMED_REPORT, METRICS, reply_site, site_report
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Simulation mode: N virtual sites on one machine with Flower's simulation engine (Ray).
 
-The private data set is split into silos with :mod:`dpfl.shared.partition`, each written
+The private data set is split into silos with :mod:`dpfl.shared.data.partition`, each written
 to ``run_dir/sites/site-<i>/silo.npz`` beside the site's own state directory (accountant,
 cached latents). Per-site resources (CPUs, fractional GPUs) bound how many sites train at
 once, and so the memory used, whatever N is.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dpfl.shared.data import write_npz
+from dpfl.shared.data.readers import write_npz
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.fedconfig import FedConfig, SiteConfig
-from dpfl.shared.partition import partition
-from dpfl.shared.report import try_write_report
-from dpfl.shared.sources import load_source
+from dpfl.shared.federation.config import FedConfig, SiteConfig
+from dpfl.shared.data.partition import partition
+from dpfl.shared.report.build import try_write_report
+from dpfl.shared.data.sources import load_source
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def run_sites(cfg: FedConfig, sites: list[SiteConfig], cpus_per_site: float = 1.
 
     from dpfl.client.app import make_client_app
 
-    from .app import make_server_app
+    from dpfl.server.app import make_server_app
 
     backend = {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
                "init_args": {"include_dashboard": False, "log_to_driver": True}}

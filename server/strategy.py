@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .ledger import SiteReport
+from dpfl.shared.federation.ledger import SiteReport
 
 log = logging.getLogger(__name__)
 

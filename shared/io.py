@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import StateError
+from dpfl.shared.errors import StateError
 
 
 def _umask() -> int:

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .io import append_jsonl, atomic_write_json, read_jsonl
+from dpfl.shared.io import append_jsonl, atomic_write_json, read_jsonl
 
 PACKAGES = ("dpfl", "torch", "diffusers", "peft", "opacus", "flwr", "onnx", "onnxruntime",
             "numpy", "safetensors")

@@ -27,7 +27,7 @@ requires_fmnist = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def tiny_ldm():
-    from dpfl.shared.models import build_ldm
+    from dpfl.shared.ldm.models import build_ldm
 
     return build_ldm("tiny", seed=0)
 

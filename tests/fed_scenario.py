@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array
 
 from dpfl.server.simulate import run_sites
-from dpfl.shared.fedconfig import FedConfig, SiteConfig
+from dpfl.shared.federation.config import FedConfig, SiteConfig
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from flwr.common import parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from dpfl.shared.fedconfig import FedConfig, SiteConfig
+from dpfl.shared.federation.config import FedConfig, SiteConfig
 
 
 def _arrays(record) -> list[np.ndarray]:

@@ -75,8 +75,8 @@ def test_site_latent_cache_is_written_atomically(tmp_path, monkeypatch):
     """The site's latent cache goes through atomic_write_bytes: a torn cache left by a kill
     would make the site fail on every later round."""
     from dpfl.client import site as site_mod
-    from dpfl.shared.fedconfig import SiteConfig
-    from dpfl.shared.models import build_ldm
+    from dpfl.shared.federation.config import SiteConfig
+    from dpfl.shared.ldm.models import build_ldm
 
     from .test_federation import _silo
 

@@ -19,15 +19,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dpfl.client.site import Site
-from dpfl.shared.accountant import PersistentAccountant
-from dpfl.shared.data import read_image_folder
-from dpfl.shared.dp import DPConfig, train_lora
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.data.readers import read_image_folder
+from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
 from dpfl.shared.errors import (BudgetExhausted, ConfigError, DataError, IncompatibleAdapter,
                                 ModelError, StateError)
-from dpfl.shared.fedconfig import FedConfig, RoundPlan, SiteConfig
-from dpfl.shared.lora import (LoraSpec, adapter_state, load_adapter, save_adapter, spec_for_plan,
+from dpfl.shared.federation.config import FedConfig, RoundPlan, SiteConfig
+from dpfl.shared.ldm.lora import (LoraSpec, adapter_state, load_adapter, save_adapter, spec_for_plan,
                               wrap_unet)
-from dpfl.shared.models import build_ldm, save_ldm
+from dpfl.shared.ldm.models import build_ldm, save_ldm
 
 SITE_LOG = "dpfl.client.site"
 
@@ -505,7 +505,7 @@ def test_corrupt_latent_cache_is_rebuilt_not_trusted(tmp_path, base, caplog):
 
 
 def test_corrupt_ledger_is_named_and_kept(tmp_path):
-    from dpfl.server.ledger import PrivacyLedger
+    from dpfl.shared.federation.ledger import PrivacyLedger
 
     (tmp_path / "ledger.json").write_text('{"rounds": [{"round": 1')
     with pytest.raises(StateError, match=re.escape(f"privacy ledger {tmp_path / 'ledger.json'}"

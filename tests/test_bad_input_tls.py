@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.fedconfig import SiteConfig
+from dpfl.shared.federation.config import SiteConfig
 
 from .test_bad_input import files
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpfl.shared.data import (read_any, read_idx, read_image_folder, read_npz, to_model_tensor,
+from dpfl.shared.data.readers import (read_any, read_idx, read_image_folder, read_npz, to_model_tensor,
                               write_npz)
 from dpfl.shared.errors import DataError
 
@@ -93,7 +93,7 @@ def test_image_of_wrong_size_is_named(tmp_path, rng):
 
 
 def test_npz_round_trip_and_no_pickles(tmp_path, rng):
-    from dpfl.shared.data import ImageSet
+    from dpfl.shared.data.readers import ImageSet
 
     ds = ImageSet(rng.integers(0, 256, (4, 6, 6, 1)).astype(np.float32) / 255, np.array([0, 1, 2, 1]),
                   ("x", "y", "z"), "gen")
@@ -114,7 +114,7 @@ def test_labels_out_of_range_rejected(tmp_path):
 
 
 def test_to_model_tensor_pads_and_checks_channels(rng):
-    from dpfl.shared.data import ImageSet
+    from dpfl.shared.data.readers import ImageSet
 
     ds = ImageSet(np.ones((2, 28, 28, 1), np.float32), np.array([0, 1]), ("a", "b"), "ones")
     x = to_model_tensor(ds, 32, 1)
@@ -128,7 +128,7 @@ def test_to_model_tensor_pads_and_checks_channels(rng):
 
 @requires_fmnist
 def test_real_fashion_mnist_and_standard_split():
-    from dpfl.shared.fmnist import load_fashion_mnist, standard_split
+    from dpfl.shared.data.fmnist import load_fashion_mnist, standard_split
 
     test = load_fashion_mnist("test")
     assert test.images.shape == (10000, 28, 28, 1)

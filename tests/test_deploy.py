@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from dpfl.shared.accountant import PersistentAccountant
-from dpfl.shared.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.ldm.models import build_ldm, save_ldm
 
 from .deploy_harness import Harness, cli, env, free_port, wait_for, ROOT
 from .test_federation import _silo

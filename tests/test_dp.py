@@ -8,12 +8,12 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from dpfl.shared.accountant import PersistentAccountant
-from dpfl.shared.diffusion import expand_draws, row_losses
-from dpfl.shared.dp import (DPConfig, mark_empty_batch, physical_step, reduce_noise_multiplicity,
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.ldm.diffusion import expand_draws, row_losses
+from dpfl.shared.privacy.dpsgd import (DPConfig, mark_empty_batch, physical_step, reduce_noise_multiplicity,
                             train_lora)
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.lora import PRESETS, LoraSpec, adapter_state, load_adapter_state, wrap_unet
+from dpfl.shared.ldm.lora import PRESETS, LoraSpec, adapter_state, load_adapter_state, wrap_unet
 
 
 def _batch(b, seed=0):
@@ -62,7 +62,7 @@ def test_per_example_grads_equal_autograd(tiny_ldm, preset, k):
 def test_conv_inputs_are_channels_last_in_unet_and_grads_still_match(tiny_ldm):
     """The trap is live in this UNet (some LoRA conv sees a channels_last input) and the
     contiguous pre-hook makes Opacus right; without it Opacus is wrong."""
-    from dpfl.shared.lora import make_conv_inputs_contiguous
+    from dpfl.shared.ldm.lora import make_conv_inputs_contiguous
     gsm, _ = _lora_pair(tiny_ldm, "attention+conv")
     seen = []
     for name, m in gsm._module.named_modules():

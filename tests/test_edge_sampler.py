@@ -13,12 +13,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dpfl.shared.diffusion import ddim_sample
-from dpfl.shared.edge import (EdgeBundle, SamplerConfig, alphas_cumprod, sample_images, solve,
+from dpfl.shared.ldm.diffusion import ddim_sample
+from dpfl.shared.edge.sampler import (EdgeBundle, SamplerConfig, alphas_cumprod, sample_images, solve,
                               timesteps)
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.export import ExportConfig, PrivacyGuarantee, export_bundle, merge_adapter
-from dpfl.shared.models import build_ldm
+from dpfl.shared.export.onnx_bundle import ExportConfig, PrivacyGuarantee, export_bundle, merge_adapter
+from dpfl.shared.ldm.models import build_ldm
 
 from .test_export import make_adapter
 
@@ -120,7 +120,7 @@ BLOCKER = textwrap.dedent("""
             if name.split('.')[0] in ('torch', 'diffusers', 'peft', 'opacus', 'flwr'):
                 raise ImportError('blocked import of ' + name)
     sys.meta_path.insert(0, Block())
-    from dpfl.shared.edge_cli import main
+    from dpfl.shared.edge.cli import main
     rc = main(sys.argv[1:])
     assert 'torch' not in sys.modules, 'torch was imported'
     sys.exit(rc)

@@ -9,15 +9,15 @@ import torch
 from click.testing import CliRunner
 
 from dpfl.server.cli import main
-from dpfl.shared.cnn import CNNConfig, TrainSettings, load_classifier, predict_logits
-from dpfl.shared.cnn import save_classifier, train_cnn
-from dpfl.shared.data import ImageSet, write_npz
+from dpfl.shared.eval.cnn import CNNConfig, TrainSettings, load_classifier, predict_logits
+from dpfl.shared.eval.cnn import save_classifier, train_cnn
+from dpfl.shared.data.readers import ImageSet, write_npz
 from dpfl.shared.errors import ConfigError, ModelError
-from dpfl.shared.evaluate import domain_classifier, downstream_accuracy, fid, synthetic_set
-from dpfl.shared.fid import GaussianStats, frechet_distance, frechet_from_features
-from dpfl.shared.fid import inception_path, precision_recall
-from dpfl.shared.lora import LoraSpec, save_adapter, wrap_unet
-from dpfl.shared.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
+from dpfl.shared.eval.evaluate import domain_classifier, downstream_accuracy, fid, synthetic_set
+from dpfl.shared.eval.fid import GaussianStats, frechet_distance, frechet_from_features
+from dpfl.shared.eval.fid import inception_path, precision_recall
+from dpfl.shared.ldm.lora import LoraSpec, save_adapter, wrap_unet
+from dpfl.shared.ldm.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
 
 
 def _easy(n, seed, classes=4, names=None):
@@ -118,7 +118,7 @@ def test_domain_classifier_is_trained_once_then_loaded(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("the cached classifier should have been loaded")
 
-    monkeypatch.setattr("dpfl.shared.evaluate.train_cnn", no_training)
+    monkeypatch.setattr("dpfl.shared.eval.evaluate.train_cnn", no_training)
     again = domain_classifier(tmp_path / "clf", str(public), settings, progress=False)
     data = _easy(8, 1)
     assert torch.equal(predict_logits(first.model, data, features=True),

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from dpfl.shared.errors import ConfigError, IncompatibleAdapter, ModelError
-from dpfl.shared.export import (ExportConfig, PrivacyGuarantee, adapter_fingerprint,
+from dpfl.shared.export.onnx_bundle import (ExportConfig, PrivacyGuarantee, adapter_fingerprint,
                                 export_bundle, merge_adapter)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -179,7 +179,7 @@ def test_privacy_guarantee_is_read_never_invented(tmp_path):
 
 def test_server_export_command(tmp_path, tiny_ldm, adapter):
     from dpfl.server.cli import main
-    from dpfl.shared.models import save_ldm
+    from dpfl.shared.ldm.models import save_ldm
 
     base = save_ldm(tiny_ldm, tmp_path / "base")
     out = tmp_path / "bundle"

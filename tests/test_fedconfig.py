@@ -1,7 +1,7 @@
 import pytest
 
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.fedconfig import FedConfig, RoundPlan, SiteConfig
+from dpfl.shared.federation.config import FedConfig, RoundPlan, SiteConfig
 
 
 def test_run_config_kebab_case_and_plan_round_trip():

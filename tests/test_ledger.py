@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dpfl.server.ledger import PrivacyLedger, SiteReport
+from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 from dpfl.shared.errors import StateError
 
 

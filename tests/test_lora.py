@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 
 from dpfl.shared.errors import ConfigError, IncompatibleAdapter
-from dpfl.shared.lora import (PRESETS, LoraSpec, adapter_state, load_adapter, load_adapter_state,
+from dpfl.shared.ldm.lora import (PRESETS, LoraSpec, adapter_state, load_adapter, load_adapter_state,
                               merged_unet, save_adapter, target_modules, wrap_unet)
 
 CE = "base_model.model.class_embedding.weight"
@@ -107,8 +107,8 @@ def test_ffa_lora_freezes_a_and_keeps_it_in_the_adapter():
     """FFA-LoRA: only B (and the class embedding) train; A stays at the seeded init."""
     import torch
 
-    from dpfl.shared.lora import LoraSpec, adapter_state, wrap_unet
-    from dpfl.shared.models import build_ldm
+    from dpfl.shared.ldm.lora import LoraSpec, adapter_state, wrap_unet
+    from dpfl.shared.ldm.models import build_ldm
 
     unet = build_ldm("tiny", seed=0).unet
     torch.manual_seed(5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dpfl.shared.errors import ModelError
-from dpfl.shared.models import PRESETS, build_ldm, load_ldm, save_ldm
+from dpfl.shared.ldm.models import PRESETS, build_ldm, load_ldm, save_ldm
 
 
 def test_save_load_round_trip_keeps_fingerprint_and_outputs(tmp_path, tiny_ldm):

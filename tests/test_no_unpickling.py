@@ -10,12 +10,12 @@ PACKAGES = ("shared", "client", "server")
 LOADERS = re.compile(r"\b(pickle|cPickle|dill|joblib|cloudpickle)\b|torch\.load\(|np\.load\(|"
                      r"numpy\.load\(|jit\.load\(|\.from_pretrained\(")
 FENCED = {"torch.load(": "weights_only=True", "np.load(": "allow_pickle=False"}
-OPERATOR_FILES = {("shared/fid.py", "jit.load(")}  # the user's own Inception file
+OPERATOR_FILES = {("shared/eval/fid.py", "jit.load(")}  # the user's own Inception file
 # from_pretrained calls fenced before the call (a safetensors file required, or
 # use_safetensors=True); the behaviour is tested below
-SAFETENSORS_ONLY = {("shared/export.py", ".from_pretrained("),
-                    ("shared/lora.py", ".from_pretrained("),
-                    ("shared/models.py", ".from_pretrained(")}
+SAFETENSORS_ONLY = {("shared/export/onnx_bundle.py", ".from_pretrained("),
+                    ("shared/ldm/lora.py", ".from_pretrained("),
+                    ("shared/ldm/models.py", ".from_pretrained(")}
 
 
 def _calls():
@@ -51,8 +51,8 @@ def test_pickled_adapter_and_model_weights_are_refused(tmp_path, tiny_ldm):
     from safetensors.torch import load_file
 
     from dpfl.shared.errors import IncompatibleAdapter, ModelError
-    from dpfl.shared.lora import LoraSpec, load_adapter, save_adapter, wrap_unet
-    from dpfl.shared.models import load_ldm, save_ldm
+    from dpfl.shared.ldm.lora import LoraSpec, load_adapter, save_adapter, wrap_unet
+    from dpfl.shared.ldm.models import load_ldm, save_ldm
 
     adapter = save_adapter(wrap_unet(tiny_ldm.unet, LoraSpec()), tmp_path / "adapter")
     weights = adapter / "adapter_model.safetensors"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.partition import partition
+from dpfl.shared.data.partition import partition
 
 LABELS = np.repeat(np.arange(10), 50)
 

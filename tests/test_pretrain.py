@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dpfl.shared.data import ImageSet
+from dpfl.shared.data.readers import ImageSet
 from dpfl.shared.errors import ConfigError, StateError
-from dpfl.shared.models import load_ldm
-from dpfl.shared.pretrain import PretrainConfig, pretrain
+from dpfl.shared.ldm.models import load_ldm
+from dpfl.shared.ldm.pretrain import PretrainConfig, pretrain
 
 
 def _toy_data(n=256):
@@ -47,7 +47,7 @@ def test_resume_continues_from_checkpoint(tmp_path):
                          checkpoint_every=10, ema_decay=0.0, device="cpu")
     run = tmp_path / "run"
     # a checkpoint from an interrupted run at UNet step 20
-    import dpfl.shared.pretrain as pt
+    import dpfl.shared.ldm.pretrain as pt
 
     orig = pt._Checkpoint.save
 
@@ -83,7 +83,7 @@ def test_config_ranges():
 
 
 def test_which_settings_may_change_on_resume():
-    from dpfl.shared.pretrain import _resumable
+    from dpfl.shared.ldm.pretrain import _resumable
     import dataclasses
 
     cfg = PretrainConfig(preset="tiny", ae_steps=100, unet_steps=200)

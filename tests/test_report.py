@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dpfl.server.ledger import PrivacyLedger, SiteReport
-from dpfl.shared.accountant import PersistentAccountant
+from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
+from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.errors import StateError
-from dpfl.shared.grid import save_grid
+from dpfl.shared.edge.grid import save_grid
 from dpfl.shared.io import append_jsonl, atomic_write_json
-from dpfl.shared.report import build_report, try_write_report, write_report
+from dpfl.shared.report.build import build_report, try_write_report, write_report
 from dpfl.shared.rundir import RunDir
 
 # cumulative epsilon each site reports after rounds 1..3; site-1 sits out round 2
@@ -245,8 +245,8 @@ def test_cli_report_finds_simulated_sites(tmp_path):
 
 def test_real_central_training_writes_report(tmp_path):
     from dpfl.client.cli import main
-    from dpfl.shared.data import ImageSet, write_npz
-    from dpfl.shared.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
+    from dpfl.shared.data.readers import ImageSet, write_npz
+    from dpfl.shared.ldm.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
 
     save_ldm(build_ldm("tiny", seed=0), tmp_path / "base")
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ from opacus.optimizers import DPOptimizer
 from scipy import stats
 
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.securenoise import (OSEntropyDPOptimizer, make_secure, secure_noise,
+from dpfl.shared.privacy.securenoise import (OSEntropyDPOptimizer, make_secure, secure_noise,
                                      urandom_standard_normal)
 
 

@@ -1,0 +1,259 @@
+"""Torch-free sampling from an ONNX bundle (see :mod:`dpfl.shared.export.onnx_bundle`).
+
+numpy + onnxruntime + Pillow only: nothing here (or in what it imports) may import torch,
+so a device needs neither torch nor diffusers. Solvers, for a v- or epsilon-predicting
+model with classifier-free guidance as two passes (Ho & Salimans, 2022):
+
+- ``ddim``: deterministic DDIM, eta = 0 (Song, Meng & Ermon, "Denoising Diffusion Implicit
+  Models", ICLR 2021), the same update and timesteps as diffusers' ``DDIMScheduler``, so the
+  output matches :func:`dpfl.shared.ldm.diffusion.ddim_sample` from the same noise.
+- ``dpmpp2m``: DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et
+  al., "DPM-Solver++", 2022), first order at the first and the final step; on the same
+  timesteps as DDIM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dpfl.shared.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = "dpfl-onnx-bundle/1"
+SOLVERS = ("ddim", "dpmpp2m")
+
+Predict = Callable[[np.ndarray, int], np.ndarray]  # (x, t) -> guided model output
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampling settings.
+
+    Attributes:
+        steps: int, default 50, 1..num_train_timesteps. Solver steps (model calls per image
+            are ``steps``, doubled when ``guidance != 1``).
+        guidance: float, default 1.0, >= 0. Classifier-free guidance scale; 1 is plain
+            conditional sampling, larger values push samples toward their class.
+        solver: "ddim" (default) or "dpmpp2m".
+        seed: int, default 0. Seeds numpy's generator for the initial noise.
+        batch_size: int, default 64, >= 1. Images per ONNX call batch.
+    """
+
+    steps: int = 50
+    guidance: float = 1.0
+    solver: str = "ddim"
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.guidance, (int, float)) or self.guidance < 0:
+            raise ConfigError(f"guidance must be a number >= 0, got {self.guidance!r}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+
+# -- schedule -----------------------------------------------------------------------------
+
+def alphas_cumprod(sched: dict[str, Any]) -> np.ndarray:
+    """Cumulative product of alphas from a diffusers scheduler config (float64)."""
+    n = int(sched["num_train_timesteps"])
+    kind = sched.get("beta_schedule", "linear")
+    if sched.get("trained_betas") is not None:
+        betas = np.asarray(sched["trained_betas"], dtype=np.float64)
+    elif kind == "linear":
+        betas = np.linspace(sched["beta_start"], sched["beta_end"], n, dtype=np.float64)
+    elif kind == "scaled_linear":
+        betas = np.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, n) ** 2
+    elif kind == "squaredcos_cap_v2":
+        def bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = np.array([min(1 - bar((i + 1) / n) / bar(i / n), 0.999) for i in range(n)])
+    else:
+        raise ConfigError(f"bundle scheduler has beta_schedule {kind!r}; the edge sampler "
+                          "supports linear, scaled_linear and squaredcos_cap_v2")
+    if sched.get("rescale_betas_zero_snr") or sched.get("thresholding"):
+        raise ConfigError("bundle scheduler uses rescale_betas_zero_snr/thresholding, which "
+                          "the edge sampler does not implement; export without them")
+    return np.cumprod(1.0 - betas)
+
+
+def timesteps(sched: dict[str, Any], steps: int) -> np.ndarray:
+    """Descending timesteps exactly as diffusers' ``DDIMScheduler.set_timesteps``."""
+    n = int(sched["num_train_timesteps"])
+    if steps > n:
+        raise ConfigError(f"steps={steps} exceeds the {n} training timesteps")
+    spacing = sched.get("timestep_spacing", "leading")
+    offset = int(sched.get("steps_offset", 0))
+    if spacing == "leading":
+        ts = (np.arange(steps) * (n // steps)).round()[::-1] + offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(n, 0, -n / steps)) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, n - 1, steps).round()[::-1]
+    else:
+        raise ConfigError(f"unsupported timestep_spacing {spacing!r}")
+    return ts.astype(np.int64)
+
+
+def _x0_eps(out: np.ndarray, x: np.ndarray, a: float, pred: str) -> tuple[np.ndarray, np.ndarray]:
+    sa, sb = math.sqrt(a), math.sqrt(1 - a)
+    if pred == "v_prediction":
+        return sa * x - sb * out, sa * out + sb * x
+    if pred == "epsilon":
+        return (x - sb * out) / sa, out
+    if pred == "sample":
+        return out, (x - sa * out) / sb
+    raise ConfigError(f"unsupported prediction_type {pred!r}")
+
+
+def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
+          solver: str = "ddim") -> np.ndarray:
+    """Integrate from noise ``x`` to clean latents with ``predict(x, t)`` as the model."""
+    acp = alphas_cumprod(sched)
+    n = int(sched["num_train_timesteps"])
+    final = 1.0 if sched.get("set_alpha_to_one", True) else float(acp[0])
+    pred = sched.get("prediction_type", "epsilon")
+    clip = float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample") else None
+    x = x.astype(np.float64)
+    prev_x0, prev_h = None, None
+    ts = timesteps(sched, steps)
+    for i, t in enumerate(ts):
+        prev_t = int(t) - n // steps
+        a_t = float(acp[t])
+        a_prev = float(acp[prev_t]) if prev_t >= 0 else final
+        x0, eps = _x0_eps(predict(x.astype(np.float32), int(t)).astype(np.float64), x, a_t, pred)
+        if clip is not None:
+            x0 = np.clip(x0, -clip, clip)
+        if solver == "ddim":
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+            continue
+        lam_t = 0.5 * math.log(a_t / (1 - a_t))
+        if a_prev >= 1.0:  # sigma = 0 at the end: the solution is the data prediction
+            x = x0
+            continue
+        h = 0.5 * math.log(a_prev / (1 - a_prev)) - lam_t
+        d = x0
+        if prev_x0 is not None and i < len(ts) - 1:
+            r = prev_h / h
+            d = (1 + 0.5 / r) * x0 - (0.5 / r) * prev_x0
+        x = (math.sqrt((1 - a_prev) / (1 - a_t)) * x
+             - math.sqrt(a_prev) * math.expm1(-h) * d)
+        prev_x0, prev_h = x0, h
+    return x.astype(np.float32)
+
+
+# -- bundle -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EdgeBundle:
+    """An opened ONNX bundle: its metadata and one onnxruntime session per graph."""
+
+    path: Path
+    meta: dict[str, Any]
+    variant: str
+    unet: Any
+    decoder: Any
+
+    @classmethod
+    def load(cls, path: str | Path, variant: str = "fp32", threads: int = 0) -> "EdgeBundle":
+        import onnxruntime as ort
+
+        p = Path(path)
+        f = p / BUNDLE_FILE
+        if not f.is_file():
+            raise ModelError(f"{p} is not an ONNX bundle (no {BUNDLE_FILE}); make one with "
+                             "'dpfl-server export'")
+        meta = json.loads(f.read_text(encoding="utf-8"))
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise ModelError(f"{f} has format {meta.get('format')!r}, this sampler reads "
+                             f"{BUNDLE_FORMAT!r}; re-export with a matching dpfl version")
+        variants = meta.get("variants", {})
+        if variant not in variants:
+            raise ModelError(f"bundle {p} has no {variant!r} variant; available: "
+                             f"{sorted(variants)}")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        files = variants[variant]["files"]
+        sessions = [ort.InferenceSession(str(p / files[k]), opts,
+                                         providers=["CPUExecutionProvider"])
+                    for k in ("unet", "decoder")]
+        return cls(p, meta, variant, *sessions)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def null_class(self) -> int:
+        return int(self.meta["null_class"])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["latent"]["shape"])
+
+
+def _guided(bundle: EdgeBundle, labels: np.ndarray, guidance: float) -> Predict:
+    n = labels.shape[0]
+    null = np.full_like(labels, bundle.null_class)
+    both = np.concatenate([labels, null])
+
+    def predict(x: np.ndarray, t: int) -> np.ndarray:
+        if guidance == 1.0:
+            feed = {"sample": x, "timestep": np.full(n, t, np.int64), "class_labels": labels}
+            return bundle.unet.run(None, feed)[0]
+        feed = {"sample": np.concatenate([x, x]), "timestep": np.full(2 * n, t, np.int64),
+                "class_labels": both}
+        out = bundle.unet.run(None, feed)[0]
+        cond, uncond = out[:n], out[n:]
+        return uncond + guidance * (cond - uncond)
+
+    return predict
+
+
+def check_labels(bundle: EdgeBundle, labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= len(bundle.class_names))]
+    if bad.size:
+        raise ConfigError(f"class labels {sorted(set(bad.tolist()))[:5]} are outside 0.."
+                          f"{len(bundle.class_names) - 1} ({bundle.class_names})")
+    return labels
+
+
+def sample_images(bundle: EdgeBundle, labels: np.ndarray, config: SamplerConfig,
+                  initial_noise: np.ndarray | None = None) -> np.ndarray:
+    """Images (N, C, S, S) float32 in [-1, 1] for ``labels``.
+
+    ``initial_noise`` (N, *latent_shape) fixes the starting latents; otherwise it is drawn
+    from ``numpy.random.default_rng(config.seed)`` for all N at once, so the images do not
+    depend on ``batch_size``.
+    """
+    labels = check_labels(bundle, labels)
+    shape = (labels.shape[0], *bundle.latent_shape)
+    if initial_noise is None:
+        initial_noise = np.random.default_rng(config.seed).standard_normal(shape)
+    noise = np.asarray(initial_noise, dtype=np.float32)
+    if noise.shape != shape:
+        raise ConfigError(f"initial_noise has shape {noise.shape}, expected {shape}")
+    out = []
+    sched = bundle.meta["scheduler"]
+    for s in range(0, labels.shape[0], config.batch_size):
+        y = labels[s:s + config.batch_size]
+        z = solve(_guided(bundle, y, config.guidance), noise[s:s + config.batch_size], sched,
+                  config.steps, config.solver)
+        out.append(bundle.decoder.run(None, {"latents": z})[0])
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 1), np.float32)

@@ -1,0 +1,426 @@
+"""Export a base LDM plus a finished LoRA adapter to a self-describing ONNX bundle.
+
+The adapter is merged into the UNet (peft ``merge_and_unload``), then the UNet and the
+autoencoder's decoder are exported with ``torch.onnx`` and checked with ``onnx.checker``.
+Parity with torch is measured on random inputs at two batch sizes (neither equal to the
+batch used for tracing, so the dynamic batch axis is exercised) and end to end through the
+torch-free sampler (:mod:`dpfl.shared.edge.sampler`); the bundle is refused when the fp32
+difference exceeds :class:`ExportConfig`'s tolerances. Optional fp16 and int8 variants
+are written with their measured differences recorded, never refused.
+
+Bundle layout (``bundle.json`` says everything a sampler needs)::
+
+    bundle.json             format, geometry, classes, scheduler, fingerprints, privacy,
+                            variants with their ONNX files and measured parity, date
+    unet.onnx decoder.onnx  fp32 graphs (optionally *.fp16.onnx, *.int8.onnx)
+
+ONNX graphs: ``unet(sample[B,C,h,w] f32, timestep[B] i64, class_labels[B] i64) -> out``
+(classifier-free guidance is two passes in the sampler); ``decoder(latents[B,C,h,w] f32)
+-> images[B,ch,S,S]`` takes *normalised* latents and includes de-normalisation, clamping
+to [-1, 1] and the centre crop to the source size.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from dpfl.shared.ldm.diffusion import ddim_sample
+from dpfl.shared.edge.sampler import BUNDLE_FILE, BUNDLE_FORMAT, EdgeBundle, SamplerConfig, sample_images
+from dpfl.shared.errors import ConfigError, IncompatibleAdapter, ModelError
+from dpfl.shared.io import atomic_write_json
+from dpfl.shared.privacy.guarantee import PrivacyGuarantee
+from dpfl.shared.ldm.models import LatentDiffusion, crop_center, fingerprint_modules
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportConfig", "PrivacyGuarantee", "adapter_fingerprint", "export_bundle",
+           "measure_parity", "merge_adapter", "torch_references"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export and how strictly to check.
+
+    Attributes:
+        tolerance: float, default 1e-3, > 0. Largest allowed max-abs difference between
+            the fp32 ONNX graphs and torch (UNet output, decoded image), on random inputs.
+        image_tolerance: float, default 1e-2, > 0. Largest allowed max-abs difference of
+            images sampled end to end (torch ``ddim_sample`` + decode vs the ONNX sampler,
+            same initial noise, ``parity_steps`` DDIM steps, guidance 2).
+        parity_batch_sizes: two batch sizes >= 1 to check (the graph is traced at batch 2).
+        parity_steps: DDIM steps of the end-to-end check, 1-100.
+        opset: ONNX opset, 14-21.
+        fp16: also write a float16 variant (inputs/outputs stay float32).
+        int8: also write an int8 variant (onnxruntime dynamic quantization of weights).
+        seed: seed of the random parity inputs.
+    """
+
+    tolerance: float = 1e-3
+    image_tolerance: float = 1e-2
+    parity_batch_sizes: tuple[int, int] = (1, 3)
+    parity_steps: int = 8
+    opset: int = 17
+    fp16: bool = False
+    int8: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tolerance", "image_tolerance"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"ExportConfig.{name} must be a number > 0, got {v!r}")
+        bs = tuple(self.parity_batch_sizes)
+        if len(bs) != 2 or any(not isinstance(b, int) or b < 1 for b in bs):
+            raise ConfigError(f"ExportConfig.parity_batch_sizes must be two integers >= 1, "
+                              f"got {self.parity_batch_sizes!r}")
+        if not 1 <= self.parity_steps <= 100:
+            raise ConfigError(f"ExportConfig.parity_steps must be in 1..100, got {self.parity_steps}")
+        if not 14 <= self.opset <= 21:
+            raise ConfigError(f"ExportConfig.opset must be in 14..21, got {self.opset}")
+
+
+# -- adapter ------------------------------------------------------------------------------
+
+def adapter_fingerprint(adapter_dir: str | Path) -> str:
+    """SHA-256 over the adapter's config and safetensors weights (in that order)."""
+    d = Path(adapter_dir)
+    h = hashlib.sha256()
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        h.update(name.encode() + b"|")
+        h.update((d / name).read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+def merge_adapter(ldm: LatentDiffusion, adapter_dir: str | Path) -> torch.nn.Module:
+    """A copy of ``ldm.unet`` with the peft LoRA adapter in ``adapter_dir`` merged in.
+
+    Trainable copies of whole modules (peft ``modules_to_save``, e.g. the class
+    embedding) replace the base modules. ``ldm`` itself is not changed.
+    """
+    from peft import PeftModel
+
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise IncompatibleAdapter(f"adapter directory {d} does not exist; pass the folder "
+                                  "written by 'dpfl-client train' (adapter_config.json + "
+                                  "adapter_model.safetensors)")
+    missing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (d / n).is_file()]
+    if missing:
+        raise IncompatibleAdapter(f"adapter directory {d} lacks {missing}; dpfl only reads "
+                                  "safetensors adapters (never pickled .bin files)")
+    base = copy.deepcopy(ldm.unet).eval()
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(d))
+        merged = peft_model.merge_and_unload()
+    except Exception as exc:  # peft raises KeyError/ValueError/RuntimeError on mismatch
+        raise IncompatibleAdapter(f"adapter {d} does not fit this base UNet: {exc}; export "
+                                  "with the base model the adapter was trained on") from exc
+    return merged.eval().requires_grad_(False)
+
+
+# -- ONNX export --------------------------------------------------------------------------
+
+class _UNetGraph(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                class_labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, class_labels=class_labels).sample
+
+
+class _DecoderGraph(torch.nn.Module):
+    def __init__(self, ldm: LatentDiffusion) -> None:
+        super().__init__()
+        self.vae = ldm.vae
+        mean, std = ldm._latent_stats(torch.zeros(1))  # same statistics as ldm.decode
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.source_size = ldm.spec.source_size
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        img = self.vae.decode(latents * self.std + self.mean).sample.clamp(-1, 1)
+        return crop_center(img, self.source_size)
+
+
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], names: list[str],
+            path: Path, opset: int) -> None:
+    axes = {n: {0: "batch"} for n in names}
+    with warnings.catch_warnings():
+        # Tracing warns about Python branches on shapes; the parity checks cover them.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # dynamo=True needs onnxscript, which dpfl does not depend on; the TorchScript
+        # exporter is deliberate here, and parity below checks its output.
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                          input_names=names[:-1], output_names=names[-1:], dynamic_axes=axes)
+    _check_graph(path)
+
+
+def _check_graph(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ModelError(f"exported {path.name} fails onnx.checker: {exc}") from exc
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _random_inputs(ldm: LatentDiffusion, batch: int, gen: torch.Generator
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    shape = (batch, *ldm.latent_shape)
+    n_train = int(ldm.scheduler.config.num_train_timesteps)
+    return {
+        "unet": {"sample": torch.randn(shape, generator=gen),
+                 "timestep": torch.randint(0, n_train, (batch,), generator=gen),
+                 "class_labels": torch.randint(0, ldm.spec.num_classes + 1, (batch,), generator=gen)},
+        "decoder": {"latents": torch.randn(shape, generator=gen)},
+    }
+
+
+Case = tuple[str, dict[str, np.ndarray], np.ndarray]  # (graph, ONNX feed, torch output)
+
+
+def torch_references(references: dict[str, Callable[..., torch.Tensor]], ldm: LatentDiffusion,
+                     batch_sizes: tuple[int, ...], seed: int) -> list[Case]:
+    """Random inputs at each batch size and the torch outputs for them (computed once)."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    for b in batch_sizes:
+        inputs = _random_inputs(ldm, b, gen)
+        for key, ref in references.items():
+            with torch.no_grad():
+                out = ref(*inputs[key].values()).float().numpy()
+            cases.append((key, {k: v.numpy() for k, v in inputs[key].items()}, out))
+    return cases
+
+
+def measure_parity(paths: dict[str, Path], cases: list[Case]) -> dict[str, dict[str, float]]:
+    """Max/mean abs difference of each ONNX graph vs its torch outputs, over all cases."""
+    sessions = {k: _session(p) for k, p in paths.items()}
+    result: dict[str, dict[str, float]] = {}
+    for key, feed, ref in cases:
+        got = sessions[key].run(None, feed)[0]
+        if got.shape != ref.shape:
+            raise ModelError(f"{paths[key].name} returned shape {got.shape} where torch gives "
+                             f"{ref.shape}; the export is broken")
+        diff = np.abs(got.astype(np.float64) - ref)
+        entry = result.setdefault(key, {"max_abs_diff": 0.0, "mean_abs_diff": 0.0})
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], float(diff.max()))
+        entry["mean_abs_diff"] = max(entry["mean_abs_diff"], float(diff.mean()))
+    return result
+
+
+def _image_reference(ldm: LatentDiffusion, unet: torch.nn.Module, cfg: ExportConfig
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, initial noise and torch images (``ddim_sample`` + ``decode``, guidance 2)."""
+    n = max(cfg.parity_batch_sizes)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    labels = torch.arange(n) % ldm.spec.num_classes
+    noise = torch.randn((n, *ldm.latent_shape), generator=gen)
+    z = ddim_sample(unet, ldm.scheduler, labels, ldm.latent_shape, ldm.spec.null_class,
+                    steps=cfg.parity_steps, guidance=2.0, initial_noise=noise)
+    return labels.numpy(), noise.numpy(), ldm.decode(z).numpy()
+
+
+def _image_parity(bundle_dir: Path, variant: str, cfg: ExportConfig,
+                  reference: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float]:
+    """The ONNX sampler's images vs torch's, from the same noise."""
+    labels, noise, ref = reference
+    bundle = EdgeBundle.load(bundle_dir, variant=variant)
+    got = sample_images(bundle, labels, SamplerConfig(steps=cfg.parity_steps, guidance=2.0),
+                        initial_noise=noise)
+    diff = np.abs(got.astype(np.float64) - ref)
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "steps": cfg.parity_steps, "guidance": 2.0, "images": int(labels.shape[0])}
+
+
+# -- variants -----------------------------------------------------------------------------
+
+def _toposort(graph: Any) -> None:
+    """Reorder ``graph.node`` topologically (the fp16 converter appends its input casts)."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(range(len(graph.node))), []
+    while pending:
+        ready = [k for k in pending if all(i in known for i in graph.node[k].input)]
+        if not ready:
+            raise ModelError("fp16 conversion produced a graph with a cycle or a missing input")
+        for k in ready:
+            known.update(graph.node[k].output)
+        ordered += ready
+        done = set(ready)
+        pending = [k for k in pending if k not in done]
+    nodes = [graph.node[k] for k in ordered]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _write_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _toposort(model.graph)
+    onnx.save(model, str(dst))
+
+
+def _write_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Unsigned weights: ConvInteger's CPU kernel is uint8 x uint8, and on our models
+    # QUInt8 weights measured closer to fp32 than QInt8.
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+
+
+_VARIANT_WRITERS = {"fp16": _write_fp16, "int8": _write_int8}
+
+
+# -- the bundle ---------------------------------------------------------------------------
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _scheduler_config(ldm: LatentDiffusion) -> dict[str, Any]:
+    """The DDIM scheduler configuration the torch sampler uses (``ddim_sample``)."""
+    from diffusers import DDIMScheduler
+
+    cfg = dict(DDIMScheduler.from_config(ldm.scheduler.config).config)
+    cfg["_class_name"] = "DDIMScheduler"
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def _metadata(ldm: LatentDiffusion, unet: torch.nn.Module, adapter_dir: Path | None,
+              privacy: PrivacyGuarantee) -> dict[str, Any]:
+    mean, std = ldm._latent_stats(torch.zeros(1))
+    spec = ldm.spec
+    return {
+        "format": BUNDLE_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "image": {"size": spec.image_size, "channels": spec.channels,
+                  "source_size": spec.source_size, "range": [-1.0, 1.0]},
+        "latent": {"shape": list(ldm.latent_shape), "mean": mean.flatten().tolist(),
+                   "std": std.flatten().tolist(), "normalised": True,
+                   "note": "the decoder graph de-normalises, clamps and crops itself"},
+        "class_names": list(spec.class_names),
+        "null_class": spec.null_class,
+        "scheduler": _scheduler_config(ldm),
+        "base_fingerprint": ldm.card.get("fingerprint") or ldm.fingerprint(),
+        "adapter": None if adapter_dir is None else {
+            "fingerprint": adapter_fingerprint(adapter_dir), "path": str(adapter_dir),
+            "config": json.loads((adapter_dir / ADAPTER_CONFIG).read_text())},
+        "merged_unet_fingerprint": fingerprint_modules({"unet": unet}),
+        "privacy": privacy.to_json(),
+    }
+
+
+def _check(name: str, parity: dict[str, float], tol: float, what: str) -> None:
+    if parity["max_abs_diff"] > tol:
+        raise ModelError(f"{what} differs from torch by max |diff| = {parity['max_abs_diff']:.3g} "
+                         f"(mean {parity['mean_abs_diff']:.3g}) for {name}, above the tolerance "
+                         f"{tol:g}; the bundle was not written. Check the export (opset, "
+                         "custom layers) or raise the tolerance if this is expected")
+
+
+def export_bundle(ldm: LatentDiffusion, out_dir: str | Path, adapter_dir: str | Path | None = None,
+                  privacy: PrivacyGuarantee | None = None, config: ExportConfig | None = None,
+                  overwrite: bool = False) -> Path:
+    """Merge ``adapter_dir`` (optional) into ``ldm`` and write an ONNX bundle to ``out_dir``.
+
+    Raises :class:`ModelError` (and writes nothing) when fp32 parity with torch exceeds the
+    configured tolerances; the message carries the measured difference.
+    """
+    cfg = config or ExportConfig()
+    privacy = privacy or PrivacyGuarantee()
+    out = Path(out_dir)
+    if out.exists() and not (overwrite and (out / BUNDLE_FILE).is_file()):
+        raise ModelError(f"{out} already exists; choose a new bundle directory"
+                         + ("" if not overwrite else " (overwrite only replaces a bundle)"))
+    adapter = None if adapter_dir is None else Path(adapter_dir)
+    unet = merge_adapter(ldm, adapter) if adapter is not None else copy.deepcopy(ldm.unet).eval()
+    ldm.vae.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        meta = _metadata(ldm, unet, adapter, privacy)
+        meta["variants"] = _export_variants(ldm, unet, stage, cfg, meta)
+        atomic_write_json(stage / BUNDLE_FILE, meta)
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log.info("wrote ONNX bundle %s (variants %s)", out, sorted(meta["variants"]))
+    return out
+
+
+def _export_variants(ldm: LatentDiffusion, unet: torch.nn.Module, stage: Path,
+                     cfg: ExportConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    graphs = {"unet": _UNetGraph(unet).eval(), "decoder": _DecoderGraph(ldm).eval()}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    trace = _random_inputs(ldm, 2, gen)
+    names = {"unet": ["sample", "timestep", "class_labels", "out"],
+             "decoder": ["latents", "images"]}
+    fp32 = {k: stage / f"{k}.onnx" for k in graphs}
+    for key, path in fp32.items():
+        _export(graphs[key], tuple(trace[key].values()), names[key], path, cfg.opset)
+    cases = torch_references({"unet": graphs["unet"], "decoder": ldm.decode}, ldm,
+                             cfg.parity_batch_sizes, cfg.seed)
+    image_ref = None
+    variants: dict[str, Any] = {}
+    wanted = ["fp32"] + [v for v in ("fp16", "int8") if getattr(cfg, v)]
+    for variant in wanted:
+        files = fp32 if variant == "fp32" else {k: stage / f"{k}.{variant}.onnx" for k in graphs}
+        if variant != "fp32":
+            for key in graphs:
+                _VARIANT_WRITERS[variant](fp32[key], files[key])
+                _check_graph(files[key])
+        parity = measure_parity(files, cases)
+        if variant == "fp32":
+            for key in graphs:
+                _check(f"{key}.onnx", parity[key], cfg.tolerance, f"the ONNX {key}")
+        entry = {"files": {k: p.name for k, p in files.items()},
+                 "sha256": {k: _sha256_file(p) for k, p in files.items()},
+                 "parity": {**parity, "batch_sizes": list(cfg.parity_batch_sizes)}}
+        variants[variant] = entry
+        # the sampler needs bundle.json to open a variant: write the partial one
+        atomic_write_json(stage / BUNDLE_FILE, {**meta, "variants": variants})
+        image_ref = image_ref or _image_reference(ldm, unet, cfg)
+        entry["image_parity"] = _image_parity(stage, variant, cfg, image_ref)
+        if variant == "fp32":
+            _check("sampled images", entry["image_parity"], cfg.image_tolerance,
+                   "the ONNX sampler's output")
+        log.info("%s parity: %s", variant, {k: v["max_abs_diff"] for k, v in parity.items()}
+                 | {"images": entry["image_parity"]["max_abs_diff"]})
+    return variants

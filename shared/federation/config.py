@@ -1,0 +1,260 @@
+"""Configuration of a federated run, parsed once at the boundary into frozen dataclasses.
+
+:class:`FedConfig` is the coordinator's run configuration (Flower run-config keys are
+kebab-case, e.g. ``flwr run . --run-config "num-rounds=5"``). :class:`RoundPlan` is the part
+the coordinator *proposes* to sites each round; a site enforces its own budget on top
+(:class:`SiteConfig`, from the node config), and the coordinator cannot raise it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from dpfl.shared.errors import ConfigError
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _from_mapping(cls, values: Mapping[str, Any], where: str):
+    """Build dataclass ``cls`` from kebab-case keys, converting types and naming bad keys."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    known = {_kebab(n) for n in fields}
+    unknown = sorted(k for k in values if k not in known and k not in ("partition-id", "num-partitions", "server-round"))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    for name, f in fields.items():
+        key = _kebab(name)
+        if key not in values:
+            continue
+        raw = values[key]
+        typ = type(f.default) if f.default is not dataclasses.MISSING else str
+        try:
+            if typ is bool:
+                val = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+            elif typ in (int, float, str):
+                val = typ(raw)
+            else:
+                val = raw
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {key}={raw!r} is not a valid {typ.__name__}") from None
+        kwargs[name] = val
+    return cls(**kwargs)
+
+
+def _to_mapping(obj) -> dict[str, Any]:
+    return {_kebab(k): v for k, v in dataclasses.asdict(obj).items()}
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Training the coordinator proposes to every sampled site.
+
+    Attributes:
+        num_rounds: planned rounds of the whole run (sites calibrate sigma for all of them).
+        local_epochs: local epochs per round (>= 1; steps per epoch = ceil(n / batch_size)).
+        batch_size: expected logical batch size of DP-SGD (>= 1).
+        noise_multiplicity: K (timestep, noise) draws per example (DPDM), >= 1.
+        clip: per-example clipping norm C (> 0).
+        lr: learning rate of the LoRA parameters (> 0).
+        target_epsilon: epsilon the coordinator suggests for the whole run; a site uses
+            min(this, its own budget).
+        lora_preset, lora_rank, lora_alpha, lora_dropout, train_class_embedding: LoRA setup.
+        ffa: FFA-LoRA - freeze A at the shared initialisation; sites send only B.
+        base_fingerprint: fingerprint of the base model every site must hold.
+        seed: seed of the shared adapter initialisation.
+    """
+
+    num_rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 64
+    noise_multiplicity: int = 4
+    clip: float = 1.0
+    lr: float = 2e-3
+    target_epsilon: float = 10.0
+    lora_preset: str = "attention"
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    train_class_embedding: bool = True
+    ffa: bool = False
+    base_fingerprint: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [("num-rounds", self.num_rounds >= 1, ">= 1"),
+                  ("local-epochs", self.local_epochs >= 1, ">= 1"),
+                  ("batch-size", self.batch_size >= 1, ">= 1"),
+                  ("noise-multiplicity", self.noise_multiplicity >= 1, ">= 1"),
+                  ("clip", 0 < self.clip < math.inf, "a finite number > 0"),
+                  ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+                  ("target-epsilon", self.target_epsilon > 0, "> 0"),
+                  ("lora-rank", self.lora_rank >= 1, "an integer >= 1"),
+                  ("lora-alpha", self.lora_alpha > 0, "> 0"),
+                  ("lora-dropout", 0 <= self.lora_dropout < 1, "in [0, 1)")]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r} is out of "
+                                  f"range: it must be {allowed} (see RoundPlan's documentation)")
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any]) -> "RoundPlan":
+        return _from_mapping(cls, values, "round plan")
+
+    def to_record(self) -> dict[str, Any]:
+        return _to_mapping(self)
+
+
+@dataclass(frozen=True)
+class FedConfig(RoundPlan):
+    """The coordinator's run configuration (Flower run config, kebab-case keys): every
+    :class:`RoundPlan` field (proposed to the sites) plus the coordinator's own settings.
+
+    Attributes:
+        base_model: directory of the public base model the coordinator hosts.
+        run_dir: where the ledger, checkpoints, grids and metrics go.
+        fraction_train: fraction of eligible sites sampled per round (0, 1].
+        min_train_nodes: fewest sites per round (>= 1).
+        min_available_nodes: sites to wait for before sampling.
+        round_timeout: seconds to wait for replies; late replies are dropped.
+        min_replies: fewest accepted updates that make a new global adapter (>= 1); a round
+            with fewer still records every site's spend in the ledger, but keeps the global
+            adapter unchanged (dropouts and stragglers cannot make one site the average).
+        max_update_norm: reject updates farther than this from the global adapter
+            (0: no bound beyond finiteness).
+        sample_every: write a global sample grid every N rounds (0: only at the end).
+        sample_steps: DDIM steps of those grids.
+        client_dp_clip: client-level DP (DP-FedAvg, see ``dpfl.server.clientdp``): L2 bound
+            on each site's update; 0 turns it off (record-level DP at the sites stays on).
+        client_dp_noise: noise multiplier z of client-level DP (std z * clip / sampled sites).
+        client_dp_delta: delta of the client-level guarantee (must be < 1 / number of sites).
+        client_dp_epsilon: client-level epsilon budget; no round runs that would exceed it.
+        secagg: secure aggregation (SecAgg+, see ``dpfl.server.secagg``): the coordinator
+            sees only the sum of the sites' adapters; each site checks its own update
+            (finite, |value| <= 8, ``max-update-norm``). Needs min-train-nodes >= 2; not
+            combinable with client-level DP.
+        secagg_threshold: fraction of the sampled sites whose key shares must survive to
+            unmask, in (0.5, 1] (more: safer against collusion, less tolerant of dropouts).
+        secagg_max_weight: largest example count a site may weight its update with (> 0);
+            keep it near the largest site's count, the aggregate's quantisation error
+            (about 4e-6 per value) grows with max-weight / total examples.
+    """
+
+    base_model: str = "models/fmnist-base"
+    run_dir: str = "runs/federated"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    min_available_nodes: int = 1
+    round_timeout: float = 3600.0
+    min_replies: int = 1
+    max_update_norm: float = 0.0
+    sample_every: int = 1
+    sample_steps: int = 25
+    client_dp_clip: float = 0.0
+    client_dp_noise: float = 1.0
+    client_dp_delta: float = 1e-3
+    client_dp_epsilon: float = 10.0
+    secagg: bool = False
+    secagg_threshold: float = 0.67
+    secagg_max_weight: float = 10000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.secagg:
+            self._check_secagg()
+        if self.client_dp_clip < 0 or not math.isfinite(self.client_dp_clip):
+            raise ConfigError(f"client-dp-clip must be >= 0 (0: off), got {self.client_dp_clip}")
+        if self.client_dp_clip > 0:
+            if not (self.client_dp_noise > 0 and math.isfinite(self.client_dp_noise)):
+                raise ConfigError(f"client-dp-noise must be > 0, got {self.client_dp_noise}")
+            if not 0 < self.client_dp_delta < 1:
+                raise ConfigError(f"client-dp-delta must be in (0, 1), got {self.client_dp_delta}")
+            if not (self.client_dp_epsilon > 0 and math.isfinite(self.client_dp_epsilon)):
+                raise ConfigError(f"client-dp-epsilon must be > 0, got {self.client_dp_epsilon}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        for key, ok, allowed in (
+                ("min-train-nodes", self.min_train_nodes >= 1, ">= 1"),
+                ("min-available-nodes", self.min_available_nodes >= 0, ">= 0"),
+                ("min-replies", self.min_replies >= 1, ">= 1"),
+                ("round-timeout", 0 < self.round_timeout < math.inf, "a finite number > 0"),
+                ("max-update-norm", 0 <= self.max_update_norm < math.inf, ">= 0 (0: no bound)"),
+                ("sample-every", self.sample_every >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key.replace('-', '_'))!r} is out of "
+                                  f"range: it must be {allowed}")
+
+    def _check_secagg(self) -> None:
+        if self.client_dp_clip > 0:
+            raise ConfigError(
+                f"secagg=true cannot be combined with client-dp-clip={self.client_dp_clip}: "
+                "client-level DP clips every site's update on the coordinator, which SecAgg+ "
+                "hides from it; set client-dp-clip=0 or secagg=false")
+        if self.min_train_nodes < 2:
+            raise ConfigError(f"secagg=true needs min-train-nodes >= 2 (got "
+                              f"{self.min_train_nodes}): a secure sum over one site is its "
+                              "update")
+        if not 0.5 < self.secagg_threshold <= 1:
+            raise ConfigError(f"secagg-threshold must be in (0.5, 1], got {self.secagg_threshold}")
+        if not (self.secagg_max_weight > 0 and math.isfinite(self.secagg_max_weight)):
+            raise ConfigError(f"secagg-max-weight must be > 0, got {self.secagg_max_weight}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":
+        return _from_mapping(cls, run_config, "run config")
+
+    def plan(self, base_fingerprint: str) -> RoundPlan:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(RoundPlan)}
+        return RoundPlan(**{**values, "base_fingerprint": base_fingerprint})
+
+    @property
+    def update_bound(self) -> float:
+        return self.max_update_norm if self.max_update_norm > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's own settings (Flower node config), which the coordinator cannot change.
+
+    Attributes:
+        site_id: the site's name in the ledger.
+        data: its images (image folder, .npz, IDX file, or fmnist:... for demos).
+        base_model: local copy of the public base model (verified by fingerprint).
+        state_dir: where the accountant, cached latents and adapters live; must persist.
+        epsilon_budget: the most epsilon this site will ever spend (> 0).
+        delta: the site's delta (0 < delta < 1/n, checked against its data size).
+        accountant: ``rdp`` or ``prv``.
+        max_physical_batch: memory cap per forward pass (logical batches are split).
+        secure_mode: Opacus secure RNG for the noise (on for real deployments).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+    """
+
+    site_id: str = "site"
+    data: str = ""
+    base_model: str = "models/fmnist-base"
+    state_dir: str = "state"
+    epsilon_budget: float = 10.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    max_physical_batch: int = 256
+    secure_mode: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ConfigError(f"site {self.site_id}: node config 'data' (path to images) is required")
+        if not self.epsilon_budget > 0:
+            raise ConfigError(f"site {self.site_id}: epsilon-budget must be > 0, got {self.epsilon_budget}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"site {self.site_id}: delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"site {self.site_id}: accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteConfig":
+        return _from_mapping(cls, node_config, "node config")

@@ -1,0 +1,144 @@
+"""The coordinator's privacy ledger: what every site reported spending, round by round.
+
+Each record lives at exactly one site, so by parallel composition the global model is
+``(max_i eps_i, max_i delta_i)``-DP at the record level, where ``eps_i`` is site i's
+cumulative spend from its own accountant (which covers all its rounds, see
+``dpfl.shared.privacy.accountant``). The ledger is written atomically and durably *before* the
+round's aggregate is released or checkpointed, so a crash can only leave the ledger ahead
+of the model, never behind it.
+
+A site's reported epsilon can only grow: a report lower than an earlier one (a reset
+accountant) is kept at the earlier, higher value and flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dpfl.shared.errors import StateError
+from dpfl.shared.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What one site reported after a round (all cumulative over the site's life)."""
+
+    site: str
+    epsilon: float
+    delta: float
+    budget: float
+    sigma: float
+    sample_rate: float
+    steps: int
+    examples: int
+    exhausted: bool = False
+    trained: bool = True
+
+
+class PrivacyLedger:
+    """Per-round, per-site privacy spend and the global record-level guarantee."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rounds: list[dict[str, Any]] = []
+        self.sites: dict[str, dict[str, Any]] = {}
+        self.flags: list[str] = []
+        self.client_level: dict[str, Any] | None = None  # DP-FedAvg spend, when enabled
+
+    @classmethod
+    def load_or_create(cls, path: str | Path) -> "PrivacyLedger":
+        ledger = cls(path)
+        if ledger.path.exists():
+            try:
+                data = json.loads(ledger.path.read_text())
+                ledger.rounds, ledger.sites = data["rounds"], data["sites"]
+                ledger.flags = data.get("flags", [])
+                ledger.client_level = data.get("client_level")
+            except (OSError, ValueError, KeyError) as exc:
+                raise StateError(f"privacy ledger {ledger.path} is unreadable ({exc}); "
+                                 "restore it from backup - it must never be reset") from exc
+        return ledger
+
+    @property
+    def last_round(self) -> int:
+        return self.rounds[-1]["round"] if self.rounds else 0
+
+    def record_round(self, server_round: int, reports: list[SiteReport],
+                     rejected: dict[str, str] | None = None,
+                     client_level: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Add a round's reports and persist the ledger durably; returns the round entry.
+
+        ``client_level``: the coordinator's cumulative client-level (DP-FedAvg) spend after
+        this round, when client-level DP is on; it is reported beside the record-level one.
+        """
+        if server_round < self.last_round:
+            raise StateError(f"round {server_round} is older than the ledger's last round "
+                             f"{self.last_round}; the ledger is never rewound")
+        # The same round again: the coordinator crashed after recording it but before
+        # releasing its aggregate. The spend happened; both attempts stay on record.
+        rerun = server_round == self.last_round
+        for rep in reports:
+            prev = self.sites.get(rep.site)
+            eps = rep.epsilon
+            if prev is not None and eps < prev["epsilon"]:
+                msg = (f"round {server_round}: site {rep.site} reported epsilon {eps:.4f} "
+                       f"below its earlier {prev['epsilon']:.4f}; keeping the higher value")
+                log.warning(msg)
+                self.flags.append(msg)
+                eps = prev["epsilon"]
+            self.sites[rep.site] = {**asdict(rep), "epsilon": eps,
+                                    "last_round": server_round}
+        eps_g, delta_g = self.global_guarantee()
+        entry = {"round": server_round, "rerun": rerun,
+                 "sites": {r.site: {**asdict(r), "epsilon": self.sites[r.site]["epsilon"]}
+                           for r in reports},
+                 "rejected": rejected or {},
+                 "global_epsilon": eps_g, "global_delta": delta_g}
+        if client_level is not None:
+            self.client_level = dict(client_level)
+            entry["client_level"] = dict(client_level)
+        self.rounds.append(entry)
+        self.save()
+        return entry
+
+    def global_guarantee(self) -> tuple[float, float]:
+        """(max eps_i, max delta_i) over every site that ever trained."""
+        if not self.sites:
+            return 0.0, 0.0
+        return (max(s["epsilon"] for s in self.sites.values()),
+                max(s["delta"] for s in self.sites.values()))
+
+    def exhausted(self, site: str) -> bool:
+        s = self.sites.get(site)
+        return bool(s and s["exhausted"])
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"rounds": self.rounds, "sites": self.sites,
+                                      "flags": self.flags, "client_level": self.client_level,
+                                      "global": dict(zip(("epsilon", "delta"),
+                                                         self.global_guarantee()))})
+
+    def table(self) -> str:
+        """A plain-text table of each site's spend and the global guarantee."""
+        lines = [f"{'site':<16}{'epsilon':>10}{'budget':>10}{'delta':>10}{'steps':>8}"
+                 f"{'examples':>10}  status"]
+        for name in sorted(self.sites):
+            s = self.sites[name]
+            status = "exhausted" if s["exhausted"] else "active"
+            lines.append(f"{name:<16}{s['epsilon']:>10.3f}{s['budget']:>10.3f}"
+                         f"{s['delta']:>10.1e}{s['steps']:>8d}{s['examples']:>10d}  {status}")
+        eps, delta = self.global_guarantee()
+        lines.append(f"global (record-level, parallel composition): epsilon={eps:.3f} "
+                     f"delta={delta:.1e} after {self.last_round} round(s)")
+        if self.client_level:
+            c = self.client_level
+            lines.append(f"client-level (DP-FedAvg, one whole site): epsilon={c['epsilon']:.3f} "
+                         f"delta={c['delta']:.1e} (noise z={c['noise_multiplier']:g}, clip "
+                         f"{c['clip']:g}, {c['releases']} release(s))")
+        return "\n".join(lines)

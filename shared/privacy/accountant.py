@@ -1,0 +1,176 @@
+"""A durable per-client privacy accountant: bookkeeping here, maths from Opacus.
+
+One accountant per client for the client's whole life (never per round: a fresh accountant
+each round under-reports ε, as in Flower's Opacus example). It stores the DP-SGD history
+``[(noise_multiplier σ, sample_rate q, steps)]`` with δ, the ε budget and the accountant kind
+(``rdp``: Mironov 2017 / Opacus ``RDPAccountant``; ``prv``: Gopi et al. 2021 / Opacus
+``PRVAccountant``), and ε is always recomputed by Opacus from that history.
+
+Steps are *committed before they are taken* (:meth:`PersistentAccountant.commit`): the state
+file is replaced atomically before training starts, so a crash can only over-report ε, and
+nothing derived from the steps can exist before the steps are on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from dpfl.shared.errors import BudgetExhausted, ConfigError, StateError
+from dpfl.shared.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+KINDS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+FORMAT = "dpfl-accountant/1"
+
+
+def _validate(kind: str, delta: float, budget: float) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"accountant must be one of {sorted(KINDS)}, got {kind!r}")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
+    if not (isinstance(budget, (int, float)) and budget > 0 and math.isfinite(budget)):
+        raise ConfigError(f"epsilon budget must be a finite number > 0, got {budget!r}")
+
+
+def _merge(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int
+           ) -> list[tuple[float, float, int]]:
+    """History with ``steps`` more steps at (σ, q), merged into the last entry like Opacus."""
+    out = list(history)
+    if out and out[-1][0] == sigma and out[-1][1] == q:
+        out[-1] = (sigma, q, out[-1][2] + steps)
+    else:
+        out.append((sigma, q, steps))
+    return out
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, kind: str) -> float:
+    """ε of a history, computed by Opacus' own accountant of the given kind."""
+    if not history:
+        return 0.0
+    acc = KINDS[kind]()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+class PersistentAccountant:
+    """A client's privacy ledger on disk (JSON, replaced atomically on every change).
+
+    Use :meth:`open` to create or continue one. Attributes: ``path``, ``kind``, ``delta``,
+    ``budget`` (ε the client may spend in total), ``history``.
+    """
+
+    def __init__(self, path: str | Path, *, kind: str, delta: float, budget: float,
+                 history: list[tuple[float, float, int]] | None = None):
+        _validate(kind, delta, budget)
+        self.path = Path(path)
+        self.kind = kind
+        self.delta = float(delta)
+        self.budget = float(budget)
+        self.history: list[tuple[float, float, int]] = [tuple(h) for h in (history or [])]
+
+    # -- persistence --------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, kind: str = "rdp", delta: float = 1e-5,
+             budget: float = 10.0) -> "PersistentAccountant":
+        """Continue the ledger at ``path``, or create (and save) a new one there.
+
+        An existing ledger keeps its history; its kind and δ must match (mixing them is not
+        sound), and the budget may only be given unchanged. A corrupt file raises
+        :class:`StateError`: it is never silently replaced by a fresh ledger.
+        """
+        path = Path(path)
+        if not path.exists():
+            acc = cls(path, kind=kind, delta=delta, budget=budget)
+            acc.save()
+            log.info("new privacy accountant %s (%s, delta=%g, budget eps=%g)", path, kind,
+                     delta, budget)
+            return acc
+        acc = cls.load(path)
+        if acc.kind != kind or acc.delta != float(delta) or acc.budget != float(budget):
+            raise StateError(
+                f"accountant {path} holds kind={acc.kind}, delta={acc.delta:g}, budget "
+                f"eps={acc.budget:g}, but kind={kind}, delta={delta:g}, budget eps={budget:g} "
+                "were requested; a client's ledger cannot change these (use the stored values)")
+        log.info("continuing privacy accountant %s: eps=%.4f spent of %g", path,
+                 acc.epsilon(), acc.budget)
+        return acc
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PersistentAccountant":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if d.get("format") != FORMAT:
+                raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
+            history = [(float(s), float(q), int(n)) for s, q, n in d["history"]]
+            if any(not (s >= 0 and 0 < q <= 1 and n >= 0) for s, q, n in history):
+                raise ValueError("history holds out-of-range (sigma, q, steps) entries")
+            return cls(path, kind=d["kind"], delta=d["delta"], budget=d["budget"],
+                       history=history)
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+            raise StateError(f"privacy accountant state {path} is unreadable or corrupt ({exc}); "
+                             "restore it from a backup. Starting a fresh one would under-report "
+                             "epsilon, so dpfl refuses to") from exc
+
+    def save(self) -> None:
+        try:
+            atomic_write_json(self.path, self.to_json())
+        except OSError as exc:
+            raise StateError(f"cannot write privacy accountant state {self.path}: {exc}") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "kind": self.kind, "delta": self.delta, "budget": self.budget,
+                "history": [list(h) for h in self.history], "epsilon": self.epsilon(),
+                "steps": self.steps}
+
+    # -- accounting ---------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return sum(int(h[2]) for h in self.history)
+
+    def epsilon(self) -> float:
+        """ε spent so far at this ledger's δ (Opacus)."""
+        return epsilon_of(self.history, self.delta, self.kind)
+
+    def predict_epsilon(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """ε after ``steps`` more steps at (σ, q), without recording them."""
+        return epsilon_of(_merge(self.history, noise_multiplier, sample_rate, steps),
+                          self.delta, self.kind)
+
+    def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Predicted ε after the planned steps; :class:`BudgetExhausted` if over budget."""
+        predicted = self.predict_epsilon(noise_multiplier, sample_rate, steps)
+        if predicted > self.budget:
+            raise BudgetExhausted(
+                f"training {steps} more steps (sigma={noise_multiplier:.4g}, q={sample_rate:.4g}) "
+                f"would bring epsilon to {predicted:.4f}, over this client's budget of "
+                f"{self.budget:g} (delta={self.delta:g}, ledger {self.path}); spent so far: "
+                f"eps={self.epsilon():.4f} in {self.steps} steps. Train fewer steps, raise the "
+                "noise, or stop here.")
+        return predicted
+
+    def commit(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Record ``steps`` steps at (σ, q) and save durably; returns the new ε.
+
+        Call before the steps are taken. Refuses (:class:`BudgetExhausted`) over budget.
+        """
+        if steps < 0 or not 0 < sample_rate <= 1 or noise_multiplier < 0:
+            raise ConfigError(f"cannot record steps={steps}, q={sample_rate}, "
+                              f"sigma={noise_multiplier}")
+        self.check_budget(noise_multiplier, sample_rate, steps)
+        if steps == 0:
+            return self.epsilon()
+        self.history = _merge(self.history, float(noise_multiplier), float(sample_rate),
+                              int(steps))
+        self.save()
+        eps = self.epsilon()
+        log.info("privacy accountant %s: committed %d steps, eps=%.4f of %g", self.path, steps,
+                 eps, self.budget)
+        return eps

@@ -1,0 +1,418 @@
+"""DP-SGD on the LDM's UNet: stock Opacus plus noise multiplicity, for LoRA adapters
+(:func:`train_lora`) or for every UNet parameter (:func:`dpfl.shared.privacy.full.train_full`).
+
+Papers: DPDM (Dockhorn et al., "Differentially Private Diffusion Models", TMLR 2023) for
+noise multiplicity and for training the whole denoiser from scratch under DP-SGD (the
+baseline in :mod:`dpfl.shared.privacy.full`); DP-LDM (Lyu et al., 2024) and DP-LoRA (Tsai et
+al., 2024) for fine-tuning only attention/projection adapters of a public LDM; DP-SGD
+(Abadi et al., 2016) with Poisson sampling as implemented by Opacus (Yousefpour et al.,
+2021). Both modes share one code path (:func:`dp_sgd`): sampling, calibration, the ledger
+commit, the Opacus engine and the step-count check.
+
+Noise multiplicity, done right under stock Opacus: each example of a physical batch becomes
+K rows (:func:`dpfl.shared.ldm.diffusion.expand_draws`, example-major), the UNet sees B*K rows,
+and the loss is the mean over rows with ``loss_reduction="mean"``, so Opacus' per-row
+gradient is the gradient of that row's loss. Before the optimizer clips, every
+``grad_sample`` is reshaped to (B, K, ...) and averaged over K
+(:func:`reduce_noise_multiplicity`): each example's gradient is the gradient of its mean
+K-draw loss and is clipped *once* at C. (Clipping each row separately would give sensitivity
+K*C with noise sized for C.)
+
+Known Opacus trap: its per-sample conv gradients assume contiguous inputs; convs after
+diffusers' attention blocks get channels_last-strided tensors. Every trainable conv's input
+is made contiguous (:func:`dpfl.shared.ldm.lora.make_conv_inputs_contiguous`), for LoRA convs
+and, in full training, for every conv of the UNet. Every layer of diffusers'
+``UNet2DModel`` (Conv2d, Linear, GroupNorm, Embedding; attention is Linear + GroupNorm) has
+an Opacus grad sampler, so hooks mode needs no functorch fallback.
+
+Privacy bookkeeping: the steps of a call are committed to the client's
+:class:`~dpfl.shared.privacy.accountant.PersistentAccountant` (on disk) *before* training starts, so
+ε is never under-reported, even after a crash. Only the noised, trained tensors leave
+(adapter or UNet state); never per-example gradients or un-noised updates. The reported
+``mean_loss`` is computed on private data without noise: a local diagnostic, not for sharing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+from opacus import PrivacyEngine
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+from dpfl.shared.privacy.accountant import KINDS, PersistentAccountant, epsilon_of
+from dpfl.shared.data.readers import ImageSet, to_model_tensor
+from dpfl.shared.ldm.diffusion import expand_draws, row_losses
+from dpfl.shared.errors import ConfigError, DataError, StateError
+from dpfl.shared.ldm.lora import LoraSpec, adapter_state, load_adapter_state, trainable_count, wrap_unet
+from dpfl.shared.ldm.models import LatentDiffusion, resolve_device
+from dpfl.shared.privacy.securenoise import make_secure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD settings of one local training call.
+
+    Attributes:
+        clip: per-example clipping norm C (> 0, default 1.0, as in DPDM).
+        noise_multiplier: Gaussian noise σ (>= 0); noise std is σ*C on the summed clipped
+            gradient. ``None`` (default): calibrate σ from ``target_epsilon``.
+        target_epsilon: ε the whole planned run may reach (> 0); used to calibrate σ when
+            ``noise_multiplier`` is None (default 10.0).
+        delta: δ of (ε, δ)-DP (0 < δ, and < 1/n where n is the silo size; default 1e-5).
+        accountant: ``rdp`` (default) or ``prv`` (Opacus accountants).
+        batch_size: expected logical batch size under Poisson sampling (>= 1, default 256);
+            the sample rate is 1 / ceil(n / batch_size).
+        max_physical_batch: examples per forward/backward pass (>= 1, default 64); larger
+            logical batches are split by Opacus' BatchMemoryManager (memory use grows with
+            max_physical_batch * noise_multiplicity).
+        noise_multiplicity: K draws of (timestep, noise) per example (>= 1, default 4).
+        lr: Adam learning rate of the adapters (> 0, default 1e-3).
+        epochs: passes over the silo in this call (>= 1, default 1).
+        planned_steps: DP-SGD steps of the whole planned run (e.g. rounds x epochs x steps
+            per epoch), used to calibrate σ; ``None``: this call's steps.
+        cond_drop: probability a row trains the null class (classifier-free guidance;
+            0 <= p < 1, default 0.1).
+        secure_mode: DP noise from the OS CSPRNG with Opacus' secure-mode construction
+            against floating-point attacks (``dpfl.shared.privacy.securenoise``; default False,
+            which logs a warning: fine for research, not for deployment).
+        seed: seed of the diffusion (timestep, noise) draws only; the Poisson sampler and
+            the DP noise always come from OS entropy (a recorded seed would let anyone
+            regenerate them and void the guarantee).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+    """
+
+    clip: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = 10.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    batch_size: int = 256
+    max_physical_batch: int = 64
+    noise_multiplicity: int = 4
+    lr: float = 1e-3
+    epochs: int = 1
+    planned_steps: int | None = None
+    cond_drop: float = 0.1
+    secure_mode: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ConfigError(f"clip (C) must be a finite number > 0, got {self.clip!r}")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigError("give noise_multiplier (sigma) or target_epsilon to calibrate it")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        if self.target_epsilon is not None and not (self.target_epsilon > 0
+                                                    and math.isfinite(self.target_epsilon)):
+            raise ConfigError(f"target_epsilon must be a finite number > 0, got "
+                              f"{self.target_epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
+        if self.accountant not in KINDS:
+            raise ConfigError(f"accountant must be one of {sorted(KINDS)}, got {self.accountant!r}")
+        for name in ("batch_size", "max_physical_batch", "noise_multiplicity", "epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.planned_steps is not None and (not isinstance(self.planned_steps, int)
+                                               or self.planned_steps < 1):
+            raise ConfigError(f"planned_steps must be an integer >= 1, got {self.planned_steps!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.cond_drop < 1:
+            raise ConfigError(f"cond_drop must be in [0, 1), got {self.cond_drop!r}")
+
+    def check_dataset(self, n: int) -> None:
+        """Checks that need the silo size n."""
+        if n < 1:
+            raise ConfigError("the silo holds no examples; nothing to train on")
+        if self.delta >= 1.0 / n:
+            raise ConfigError(f"delta={self.delta:g} must be < 1/n = {1.0 / n:.3g} for a silo of "
+                              f"{n} examples (a larger delta permits leaking whole examples); "
+                              "lower delta")
+        if self.batch_size > n:
+            raise ConfigError(f"batch_size={self.batch_size} exceeds the silo size {n}; lower it")
+
+
+def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp") -> float:
+    """σ so that ``steps`` Poisson-sampled steps at rate q reach at most (ε, δ) (Opacus)."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant))
+
+
+def _grad_sample_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    return [p for p in params if p.requires_grad]
+
+
+def reduce_noise_multiplicity(params: list[torch.nn.Parameter], k: int) -> None:
+    """Average each example's K per-row gradients, in place, before Opacus clips.
+
+    ``p.grad_sample`` of shape (B*K, ...) (example-major rows) becomes (B, ...). Must run
+    after every backward pass and before ``optimizer.step()``.
+    """
+    if k == 1:
+        return
+    for p in _grad_sample_params(params):
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            raise ConfigError("a trainable parameter has no per-sample gradient; was the loss "
+                              "computed through the Opacus GradSampleModule?")
+        parts = gs if isinstance(gs, list) else [gs]
+        reduced = []
+        for g in parts:
+            if g.shape[0] % k:
+                raise ConfigError(f"per-sample gradient has {g.shape[0]} rows, not a multiple "
+                                  f"of noise multiplicity K={k}")
+            reduced.append(g.view(g.shape[0] // k, k, *g.shape[1:]).mean(dim=1))
+        p.grad_sample = reduced if isinstance(gs, list) else reduced[0]
+
+
+def mark_empty_batch(params: list[torch.nn.Parameter]) -> None:
+    """Give every trainable parameter an empty per-sample gradient (Poisson empty batch):
+    the step then adds pure noise, as DP-SGD with Poisson sampling requires."""
+    for p in _grad_sample_params(params):
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
+
+def physical_step(model: torch.nn.Module, scheduler, latents: torch.Tensor, labels: torch.Tensor,
+                  k: int, generator: torch.Generator | None, null_class: int | None,
+                  cond_drop: float) -> float:
+    """Forward/backward of one physical batch with K draws per example; reduces the
+    per-row gradients to per-example ones. Returns the (non-private) mean loss."""
+    params = list(model.parameters())
+    if latents.shape[0] == 0:
+        mark_empty_batch(params)
+        return float("nan")
+    noisy, t, y, target = expand_draws(latents, labels, scheduler, k, null_class, cond_drop,
+                                       generator)
+    loss = row_losses(model, noisy, t, y, target).mean()
+    loss.backward()
+    reduce_noise_multiplicity(params, k)
+    return float(loss.detach())
+
+
+def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 loader: torch.utils.data.DataLoader, dp: DPConfig, sigma: float,
+                 device: torch.device):
+    """Opacus PrivacyEngine with Poisson sampling, flat clipping at C and noise σ."""
+    # Opacus' own secure mode needs torchcsprng (no release for current torch); the secure
+    # noise source is swapped in below instead (dpfl.shared.privacy.securenoise).
+    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
+    if dp.secure_mode:
+        noise_gen = None
+    else:
+        log.warning("*** secure_mode is OFF: DP noise comes from torch's PRNG (seeded from OS "
+                    "entropy), fine for research but NOT a cryptographic guarantee. Turn "
+                    "secure_mode on for deployment. ***")
+        # Never derive the noise from ``dp.seed``: that seed is in the run's config.json, and
+        # noise anyone can regenerate and subtract protects nothing. OS entropy instead.
+        noise_gen = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    gsm, opt, dl = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                       noise_multiplier=sigma, max_grad_norm=dp.clip,
+                                       poisson_sampling=True, loss_reduction="mean",
+                                       grad_sample_mode="hooks", noise_generator=noise_gen)
+    if not isinstance(opt, DPOptimizer):
+        raise ConfigError(f"Opacus returned {type(opt).__name__}, expected a DPOptimizer")
+    if dp.secure_mode:
+        opt = make_secure(opt)
+    return engine, gsm, opt, dl
+
+
+# -- the local job ------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class DPRunStats:
+    """Privacy and progress figures of one DP-SGD call (nothing per-example, nothing un-noised).
+
+    Attributes:
+        examples: silo size n.
+        steps: DP-SGD steps taken in this call.
+        sigma: noise multiplier σ used.
+        sample_rate: Poisson sampling rate q.
+        epsilon: total ε this client has spent so far (all calls), at ``delta``.
+        delta: δ of the accountant.
+        mean_loss: mean training loss of the call (non-private diagnostic; keep local).
+        history: per-step records (step, loss) and per-epoch records (epoch, epsilon).
+    """
+
+    examples: int
+    steps: int
+    sigma: float
+    sample_rate: float
+    epsilon: float
+    delta: float
+    mean_loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult(DPRunStats):
+    """What :func:`train_lora` returns: ``adapter``, the trained adapter tensors (peft
+    state-dict keys, on CPU), and the :class:`DPRunStats` fields."""
+
+    adapter: dict[str, torch.Tensor]
+
+
+def encode_silo(ldm: LatentDiffusion, imageset: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (frozen public encoder, posterior mean) and labels of a silo; run once."""
+    n_cls = ldm.spec.num_classes
+    if len(imageset) == 0:
+        raise DataError(f"{imageset.source}: the silo holds no images; nothing to train on "
+                        "(check the data path and that the class folders are not empty)")
+    if int(imageset.labels.max()) >= n_cls:
+        raise DataError(f"{imageset.source}: label {int(imageset.labels.max())} is out of range "
+                        f"for the base model's {n_cls} classes {list(ldm.spec.class_names)}")
+    if tuple(imageset.class_names[:n_cls]) != tuple(ldm.spec.class_names[:len(imageset.class_names)]):
+        log.warning("silo class names %s differ from the base model's %s; labels are matched "
+                    "by index", imageset.class_names, ldm.spec.class_names)
+    x = to_model_tensor(imageset, ldm.spec.image_size, ldm.spec.channels)
+    ldm.vae.requires_grad_(False)
+    return ldm.encode(x).float().contiguous(), torch.from_numpy(imageset.labels).long()
+
+
+def _plan(n: int, dp: DPConfig, accountant: PersistentAccountant,
+          loader: DataLoader) -> tuple[float, int, float]:
+    """(sample rate, steps of this call, σ), after checking the accountant matches."""
+    if accountant.kind != dp.accountant or accountant.delta != dp.delta:
+        raise ConfigError(f"DPConfig asks for accountant={dp.accountant}, delta={dp.delta:g} but "
+                          f"the client's ledger {accountant.path} uses {accountant.kind}, "
+                          f"delta={accountant.delta:g}; they must agree")
+    q = 1.0 / len(loader)
+    steps = dp.epochs * len(loader)
+    planned = dp.planned_steps if dp.planned_steps is not None else steps
+    if planned < steps:
+        raise ConfigError(f"planned_steps={planned} is fewer than this call's {steps} steps "
+                          f"({dp.epochs} epoch(s) x {len(loader)} steps); plan the whole run")
+    if dp.noise_multiplier is not None:
+        sigma = float(dp.noise_multiplier)
+    else:
+        sigma = calibrate_sigma(dp.target_epsilon, dp.delta, q, planned, dp.accountant)
+        log.info("calibrated sigma=%.4f for eps=%g, delta=%g over %d planned steps at q=%.5f",
+                 sigma, dp.target_epsilon, dp.delta, planned, q)
+    return q, steps, sigma
+
+
+def check_silo(latents: torch.Tensor, labels: torch.Tensor, dp: DPConfig) -> None:
+    n = int(latents.shape[0])
+    if labels.shape != (n,):
+        raise DataError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    dp.check_dataset(n)
+
+
+def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor, lora: LoraSpec,
+               dp: DPConfig, accountant: PersistentAccountant,
+               init_adapter: dict[str, torch.Tensor] | None = None,
+               progress: bool = True) -> TrainResult:
+    """DP-SGD on LoRA adapters of (a copy of) ``ldm.unet``; ``ldm`` itself is not modified.
+
+    Commits the call's steps to ``accountant`` (durably) before training; raises
+    :class:`~dpfl.shared.errors.BudgetExhausted` if they would exceed its budget.
+    """
+    check_silo(latents, labels, dp)
+    model = wrap_unet(ldm.unet, lora).to(resolve_device(dp.device))
+    if init_adapter is not None:
+        load_adapter_state(model, init_adapter)
+    stats = dp_sgd(ldm, model, latents, labels, dp, accountant, progress, "DP-LoRA")
+    return TrainResult(adapter=adapter_state(model), **stats)
+
+
+def dp_sgd(ldm: LatentDiffusion, model: torch.nn.Module, latents: torch.Tensor,
+           labels: torch.Tensor, dp: DPConfig, accountant: PersistentAccountant,
+           progress: bool, label: str,
+           after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The one DP-SGD code path of every mode: trains, in place, the parameters of ``model``
+    (already on its device) that require grad; ``after_step`` runs after each logical step's
+    update (e.g. an EMA). Commits the steps to ``accountant`` before the first one and checks
+    that Opacus took exactly that many. Returns the :class:`DPRunStats` fields."""
+    n = int(latents.shape[0])
+    dev = next(model.parameters()).device
+    model.train()
+    n_train = trainable_count(model)
+    # Poisson sampling must be secret too (amplification by subsampling assumes nobody knows
+    # which examples were drawn): seed it from OS entropy, never from the recorded seed.
+    data_gen = torch.Generator().manual_seed(secrets.randbits(63))
+    loader = DataLoader(TensorDataset(latents.float(), labels.long()), batch_size=dp.batch_size,
+                        generator=data_gen)
+    q, steps, sigma = _plan(n, dp, accountant, loader)
+    prior = list(accountant.history)
+    accountant.commit(sigma, q, steps)  # durable before any step is taken
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=dp.lr)
+    engine, gsm, opt, dl = make_private(model, optimizer, loader, dp, sigma, dev)
+    log.info("%s: n=%d, %d trainable parameters, q=%.5f (expected batch %d), sigma=%.4f, "
+             "C=%g, K=%d, %d steps", label, n, n_train, q, opt.expected_batch_size, sigma,
+             dp.clip, dp.noise_multiplicity, steps)
+
+    def epsilon_at(done: int) -> float:
+        return epsilon_of(prior + [(sigma, q, done)], accountant.delta, accountant.kind)
+
+    history = _run(ldm, gsm, opt, dl, dp, steps, progress, epsilon_at, label, after_step)
+    taken = sum(h[2] for h in engine.accountant.history)
+    if taken != steps:
+        raise StateError(f"Opacus took {taken} steps but {steps} were committed to the ledger; "
+                         "refusing to return the trained weights")
+    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
+    return dict(examples=n, steps=steps, sigma=sigma, sample_rate=q,
+                epsilon=accountant.epsilon(), delta=accountant.delta,
+                mean_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+                history=history)
+
+
+def _run(ldm: LatentDiffusion, gsm, opt: DPOptimizer, dl: DataLoader, dp: DPConfig, steps: int,
+         progress: bool, epsilon_at: Callable[[int], float], label: str,
+         after_step: Callable[[], None] | None) -> list[dict[str, Any]]:
+    dev = next(gsm.parameters()).device
+    draw_gen = torch.Generator().manual_seed(dp.seed + 1)
+    done: list[int] = []
+    previous_hook = opt.step_hook
+
+    def count_step(o: DPOptimizer) -> None:
+        if previous_hook is not None:
+            previous_hook(o)
+        done.append(1)
+
+    opt.attach_step_hook(count_step)
+    history: list[dict[str, Any]] = []
+    bar = tqdm(total=steps, desc=label, disable=not progress)
+    t0, rows, loss_sum = time.time(), 0, 0.0
+    with BatchMemoryManager(data_loader=dl, max_physical_batch_size=dp.max_physical_batch,
+                            optimizer=opt) as mem_loader:
+        for epoch in range(dp.epochs):
+            for z, y in mem_loader:
+                before = len(done)
+                loss = physical_step(gsm, ldm.scheduler, z.to(dev), y.to(dev),
+                                     dp.noise_multiplicity, draw_gen, ldm.spec.null_class,
+                                     dp.cond_drop)
+                if z.shape[0]:
+                    rows, loss_sum = rows + z.shape[0], loss_sum + loss * z.shape[0]
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if len(done) > before:  # a logical step ended (its update is applied)
+                    if after_step is not None:
+                        after_step()
+                    rec = {"step": len(done), "epoch": epoch + 1, "examples": rows,
+                           "loss": loss_sum / rows if rows else float("nan"),
+                           "seconds": round(time.time() - t0, 3)}
+                    history.append(rec)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    rows, loss_sum = 0, 0.0
+            history.append({"epoch": epoch + 1, "step": len(done),
+                            "epsilon": epsilon_at(len(done))})
+    bar.close()
+    return history
