@@ -44,10 +44,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from dpfl.shared.federation.ledger import PrivacyLedger
 from dpfl.server.rounds import GlobalCheckpoint
 from dpfl.server.strategy import AdapterFedAvg, site_report
 from dpfl.shared.federation.config import RoundPlan
+from dpfl.shared.federation.ledger import PrivacyLedger
 from dpfl.shared.ldm.lora import adapter_state, spec_for_plan, wrap_unet
 from dpfl.shared.ldm.models import build_ldm, load_ldm
 

@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfl.shared.federation.config import RoundPlan, SiteConfig
-
 from dpfl.client.secagg import FITINS, secagg_mod, secure_train
 from dpfl.client.site import Site
+from dpfl.shared.federation.config import RoundPlan, SiteConfig
 
 _CACHE_SIZE = 4  # sites kept warm per process: memory is bounded by concurrency, not by N
 

@@ -64,8 +64,8 @@ def inspect(source: str, skip_bad: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="silos")
 def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, out: str) -> None:
     """Split SOURCE into client silos written as OUT/client-<i>.npz (for simulations)."""
-    from dpfl.shared.data.readers import write_npz
     from dpfl.shared.data.partition import partition as split
+    from dpfl.shared.data.readers import write_npz
     from dpfl.shared.data.sources import load_source
 
     try:

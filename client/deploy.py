@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpfl.shared.deploy.certs import check_ca_certificate, check_node_private_key, check_superlink
+from dpfl.shared.deploy.flwrproc import flwr_bin, flwr_env
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import SiteConfig
-from dpfl.shared.deploy.flwrproc import flwr_bin, flwr_env
 from dpfl.shared.io import ensure_dir
 
 log = logging.getLogger(__name__)

@@ -27,11 +27,10 @@ from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
+from dpfl.client.site import Site
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import RoundPlan
 from dpfl.shared.ldm.lora import travelling_keys
-
-from dpfl.client.site import Site
 
 FITINS = "fitins.parameters"  # the legacy record a SecAgg+ training message carries
 # keys of the coordinator's fitins config that are not part of the RoundPlan

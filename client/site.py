@@ -25,14 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo, train_lora
+from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import BudgetExhausted, DataError, IncompatibleAdapter, ModelError
 from dpfl.shared.federation.config import RoundPlan, SiteConfig
 from dpfl.shared.io import atomic_write_bytes, ensure_dir
 from dpfl.shared.ldm.lora import spec_for_plan, travelling_keys
 from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
-from dpfl.shared.data.sources import load_source
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo, train_lora
 
 log = logging.getLogger(__name__)
 

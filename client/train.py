@@ -25,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.data.readers import ImageSet
-from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo, train_lora
+from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.ldm.lora import LoraSpec, load_adapter_state, merged_unet, save_adapter, wrap_unet
 from dpfl.shared.ldm.models import load_ldm
+from dpfl.shared.ldm.sampling import class_grid
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo, train_lora
 from dpfl.shared.report.build import try_write_report
 from dpfl.shared.rundir import RunDir
-from dpfl.shared.ldm.sampling import class_grid
-from dpfl.shared.data.sources import load_source
 
 log = logging.getLogger(__name__)
 

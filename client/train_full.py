@@ -36,14 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.client.train import TrainJob, open_silo_and_ledger
-from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo
-from dpfl.shared.privacy.full import train_full
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.io import atomic_write_json
-from dpfl.shared.ldm.models import LatentDiffusion, fingerprint_modules, fresh_unet, load_ldm
-from dpfl.shared.ldm.models import save_ldm
-from dpfl.shared.rundir import RunDir
+from dpfl.shared.ldm.models import (
+    LatentDiffusion,
+    fingerprint_modules,
+    fresh_unet,
+    load_ldm,
+    save_ldm,
+)
 from dpfl.shared.ldm.sampling import class_grid
+from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo
+from dpfl.shared.privacy.full import train_full
+from dpfl.shared.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

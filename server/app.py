@@ -5,9 +5,8 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from dpfl.shared.federation.config import FedConfig
-
 from dpfl.server.rounds import run_federation
+from dpfl.shared.federation.config import FedConfig
 
 
 def make_server_app(cfg: FedConfig | None = None) -> ServerApp:

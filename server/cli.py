@@ -50,8 +50,9 @@ def pretrain(data: str, run_dir: str, out: str | None, threads: int, **kw) -> No
     """Train the base LDM (autoencoder, then UNet) on public data. Resumable."""
     import torch
 
-    from dpfl.shared.ldm.pretrain import PretrainConfig, pretrain as run_pretrain
     from dpfl.shared.data.sources import load_source
+    from dpfl.shared.ldm.pretrain import PretrainConfig
+    from dpfl.shared.ldm.pretrain import pretrain as run_pretrain
 
     if threads:
         torch.set_num_threads(threads)
@@ -140,7 +141,8 @@ def evaluate(out: str, threads: int, progress: bool, **kw) -> None:
     domain Fréchet distance, precision/recall, and FID with a local Inception file."""
     import torch
 
-    from dpfl.shared.eval.evaluate import EvalConfig, evaluate as run_evaluate, summary_table
+    from dpfl.shared.eval.evaluate import EvalConfig, summary_table
+    from dpfl.shared.eval.evaluate import evaluate as run_evaluate
 
     if threads:
         torch.set_num_threads(threads)
@@ -221,9 +223,10 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
              max_examples: int, epsilon_budget: float, delta: float, cpus_per_site: float,
              gpus_per_site: float, run_dir: str, overrides: tuple[str, ...]) -> None:
     """Federated DP fine-tuning of N simulated sites (Flower simulation engine)."""
-    from dpfl.shared.federation.ledger import PrivacyLedger
-    from dpfl.server.simulate import SimulationSetup, simulate as run_simulation
+    from dpfl.server.simulate import SimulationSetup
+    from dpfl.server.simulate import simulate as run_simulation
     from dpfl.shared.federation.config import FedConfig
+    from dpfl.shared.federation.ledger import PrivacyLedger
 
     try:
         pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
@@ -353,8 +356,8 @@ def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
             overrides: tuple[str, ...], timeout: float, wait: bool) -> None:
     """Submit the federated DP fine-tuning run to a running coordinator SuperLink."""
     from dpfl.server import deploy
-    from dpfl.shared.federation.ledger import PrivacyLedger
     from dpfl.shared.federation.config import FedConfig
+    from dpfl.shared.federation.ledger import PrivacyLedger
 
     try:
         pairs = dict(o.split("=", 1) for o in overrides if "=" in o)

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.errors import BudgetExhausted
+from dpfl.shared.privacy.accountant import PersistentAccountant
 
 log = logging.getLogger(__name__)
 

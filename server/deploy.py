@@ -27,12 +27,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpfl.shared.deploy.certs import check_node_public_key, check_server_files
-from dpfl.shared.errors import ConfigError
-from dpfl.shared.deploy.flwrproc import DeployError, flwr_bin, flwr_env
-from dpfl.shared.io import ensure_dir
-
 from dpfl.server.pki import PkiLayout
+from dpfl.shared.deploy.certs import check_node_public_key, check_server_files
+from dpfl.shared.deploy.flwrproc import DeployError, flwr_bin, flwr_env
+from dpfl.shared.errors import ConfigError
+from dpfl.shared.io import ensure_dir
 
 log = logging.getLogger(__name__)
 

@@ -159,9 +159,9 @@ def _eval_config(exp: Experiment, **kw: Any):
 
 
 def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from dpfl.shared.federation.ledger import PrivacyLedger
     from dpfl.server.simulate import SimulationSetup, simulate
     from dpfl.shared.federation.config import FedConfig
+    from dpfl.shared.federation.ledger import PrivacyLedger
 
     s = exp.sizes
     cfg = FedConfig(base_model=exp.base_model, run_dir=str(run), num_rounds=s.rounds,
@@ -182,8 +182,8 @@ def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, An
 
 def _central(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     from dpfl.client.train import TrainJob, run_train
-    from dpfl.shared.privacy.dpsgd import DPConfig
     from dpfl.shared.ldm.lora import LoraSpec
+    from dpfl.shared.privacy.dpsgd import DPConfig
 
     s = exp.sizes
     job = TrainJob(data=f"fmnist:private@{exp.seed}", model=exp.base_model, run_dir=str(run),

@@ -27,22 +27,33 @@ from safetensors import safe_open
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from dpfl.shared.errors import StateError
-from dpfl.shared.federation.config import FedConfig, RoundPlan
-from dpfl.shared.io import atomic_write_bytes, atomic_write_json
-from dpfl.shared.ldm.lora import (adapter_state, load_adapter_state, save_adapter, spec_for_plan,
-                              travelling_keys, wrap_unet)
-from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
-from dpfl.shared.rundir import RunDir
-from dpfl.shared.report.build import try_write_report
-from dpfl.shared.ldm.sampling import class_grid
-
 from dpfl.server.clientdp import ClientLevelDP
-from dpfl.shared.federation.ledger import PrivacyLedger
 from dpfl.server.runlock import RunLock
 from dpfl.server.secagg import SecureRound
-from dpfl.server.strategy import (ARRAYS, SITE, AdapterFedAvg, current_replies, reply_site,
-                       site_report)
+from dpfl.server.strategy import (
+    ARRAYS,
+    SITE,
+    AdapterFedAvg,
+    current_replies,
+    reply_site,
+    site_report,
+)
+from dpfl.shared.errors import StateError
+from dpfl.shared.federation.config import FedConfig, RoundPlan
+from dpfl.shared.federation.ledger import PrivacyLedger
+from dpfl.shared.io import atomic_write_bytes, atomic_write_json
+from dpfl.shared.ldm.lora import (
+    adapter_state,
+    load_adapter_state,
+    save_adapter,
+    spec_for_plan,
+    travelling_keys,
+    wrap_unet,
+)
+from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
+from dpfl.shared.ldm.sampling import class_grid
+from dpfl.shared.report.build import try_write_report
+from dpfl.shared.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +97,7 @@ class Federation:
     model: torch.nn.Module  # peft-wrapped UNet, for sample grids and the final adapter
 
     @classmethod
-    def open(cls, cfg: FedConfig) -> "Federation":
+    def open(cls, cfg: FedConfig) -> Federation:
         base = load_ldm(cfg.base_model)
         plan = cfg.plan(base.fingerprint())
         run = RunDir(cfg.run_dir)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dpfl.shared.data.partition import partition
 from dpfl.shared.data.readers import write_npz
+from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import FedConfig, SiteConfig
-from dpfl.shared.data.partition import partition
 from dpfl.shared.report.build import try_write_report
-from dpfl.shared.data.sources import load_source
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,6 @@ def run_sites(cfg: FedConfig, sites: list[SiteConfig], cpus_per_site: float = 1.
     from flwr.simulation import run_simulation
 
     from dpfl.client.app import make_client_app
-
     from dpfl.server.app import make_server_app
 
     backend = {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},

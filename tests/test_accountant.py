@@ -6,10 +6,10 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
 from dpfl.shared.errors import BudgetExhausted, ConfigError, StateError
 from dpfl.shared.ldm.lora import LoraSpec
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
 
 
 @pytest.mark.parametrize("kind,cls", [("rdp", RDPAccountant), ("prv", PRVAccountant)])

@@ -19,15 +19,27 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dpfl.client.site import Site
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.data.readers import read_image_folder
-from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
-from dpfl.shared.errors import (BudgetExhausted, ConfigError, DataError, IncompatibleAdapter,
-                                ModelError, StateError)
+from dpfl.shared.errors import (
+    BudgetExhausted,
+    ConfigError,
+    DataError,
+    IncompatibleAdapter,
+    ModelError,
+    StateError,
+)
 from dpfl.shared.federation.config import FedConfig, RoundPlan, SiteConfig
-from dpfl.shared.ldm.lora import (LoraSpec, adapter_state, load_adapter, save_adapter, spec_for_plan,
-                              wrap_unet)
+from dpfl.shared.ldm.lora import (
+    LoraSpec,
+    adapter_state,
+    load_adapter,
+    save_adapter,
+    spec_for_plan,
+    wrap_unet,
+)
 from dpfl.shared.ldm.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
 
 SITE_LOG = "dpfl.client.site"
 
@@ -310,8 +322,15 @@ class FakeGrid:
         return [*self.sites, self.error_node]
 
     def send_and_receive(self, msgs, timeout=None):
-        from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
-        from flwr.app import RecordDict
+        from flwr.app import (
+            Array,
+            ArrayRecord,
+            ConfigRecord,
+            Error,
+            Message,
+            MetricRecord,
+            RecordDict,
+        )
 
         replies = []
         for i, msg in enumerate(msgs):

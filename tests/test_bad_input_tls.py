@@ -128,7 +128,7 @@ def _tls_server(cert: Path, key: Path):
         while not stop.is_set():
             try:
                 conn, _ = sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             conn.settimeout(5)
             try:

@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from dpfl.client.cli import main
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.data.readers import ImageSet, write_npz
 from dpfl.shared.ldm.lora import load_adapter
 from dpfl.shared.ldm.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +89,8 @@ def _arch(unet):
 
 
 def test_train_full_from_scratch_writes_a_loadable_model(setup, tmp_path):
-    from dpfl.shared.privacy.guarantee import PrivacyGuarantee
     from dpfl.shared.ldm.models import fingerprint_modules, fresh_unet, load_ldm
+    from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
     run = tmp_path / "run"
     out = _train_full(setup, run, "--seed", "3")

@@ -9,9 +9,9 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from dpfl.server.clientdp import ClientLevelDP
-from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import FedConfig
+from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 
 
 def _cdp(tmp_path, **kw):

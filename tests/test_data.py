@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpfl.shared.data.readers import (read_any, read_idx, read_image_folder, read_npz, to_model_tensor,
-                              write_npz)
+from dpfl.shared.data.readers import (
+    read_any,
+    read_idx,
+    read_image_folder,
+    read_npz,
+    to_model_tensor,
+    write_npz,
+)
 from dpfl.shared.errors import DataError
 
 from .conftest import requires_fmnist

@@ -4,16 +4,16 @@ training two DP rounds, and an unlisted site that is refused. Every process is s
 none may be left."""
 
 import json
-import ssl
 import socket
+import ssl
 import subprocess
 
 import pytest
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.ldm.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
 
-from .deploy_harness import Harness, cli, env, free_port, wait_for, ROOT
+from .deploy_harness import ROOT, Harness, cli, env, free_port, wait_for
 from .test_federation import _silo
 
 SITES = ("site-0", "site-1", "site-2")

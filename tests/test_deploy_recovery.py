@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.ldm.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
 
 from .deploy_harness import ROOT, Harness, cli, env, free_port, wait_for
 from .test_deploy import SITES, _join

@@ -8,12 +8,17 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.ldm.diffusion import expand_draws, row_losses
-from dpfl.shared.privacy.dpsgd import (DPConfig, mark_empty_batch, physical_step, reduce_noise_multiplicity,
-                            train_lora)
 from dpfl.shared.errors import ConfigError
+from dpfl.shared.ldm.diffusion import expand_draws, row_losses
 from dpfl.shared.ldm.lora import PRESETS, LoraSpec, adapter_state, load_adapter_state, wrap_unet
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.dpsgd import (
+    DPConfig,
+    mark_empty_batch,
+    physical_step,
+    reduce_noise_multiplicity,
+    train_lora,
+)
 
 
 def _batch(b, seed=0):

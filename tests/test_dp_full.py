@@ -12,12 +12,12 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 
 import dpfl.shared.privacy.dpsgd as dpmod
-from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.errors import BudgetExhausted, ConfigError, StateError
 from dpfl.shared.ldm.diffusion import expand_draws, row_losses
+from dpfl.shared.ldm.models import fresh_unet
+from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.privacy.dpsgd import DPConfig, physical_step
 from dpfl.shared.privacy.full import full_unet, train_full
-from dpfl.shared.errors import BudgetExhausted, ConfigError, StateError
-from dpfl.shared.ldm.models import fresh_unet
 
 
 def _batch(b, seed=0):

@@ -13,11 +13,22 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dpfl.shared.ldm.diffusion import ddim_sample
-from dpfl.shared.edge.sampler import (EdgeBundle, SamplerConfig, alphas_cumprod, sample_images, solve,
-                              timesteps)
+from dpfl.shared.edge.sampler import (
+    EdgeBundle,
+    SamplerConfig,
+    alphas_cumprod,
+    sample_images,
+    solve,
+    timesteps,
+)
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.export.onnx_bundle import ExportConfig, PrivacyGuarantee, export_bundle, merge_adapter
+from dpfl.shared.export.onnx_bundle import (
+    ExportConfig,
+    PrivacyGuarantee,
+    export_bundle,
+    merge_adapter,
+)
+from dpfl.shared.ldm.diffusion import ddim_sample
 from dpfl.shared.ldm.models import build_ldm
 
 from .test_export import make_adapter

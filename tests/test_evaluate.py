@@ -9,13 +9,24 @@ import torch
 from click.testing import CliRunner
 
 from dpfl.server.cli import main
-from dpfl.shared.eval.cnn import CNNConfig, TrainSettings, load_classifier, predict_logits
-from dpfl.shared.eval.cnn import save_classifier, train_cnn
 from dpfl.shared.data.readers import ImageSet, write_npz
 from dpfl.shared.errors import ConfigError, ModelError
+from dpfl.shared.eval.cnn import (
+    CNNConfig,
+    TrainSettings,
+    load_classifier,
+    predict_logits,
+    save_classifier,
+    train_cnn,
+)
 from dpfl.shared.eval.evaluate import domain_classifier, downstream_accuracy, fid, synthetic_set
-from dpfl.shared.eval.fid import GaussianStats, frechet_distance, frechet_from_features
-from dpfl.shared.eval.fid import inception_path, precision_recall
+from dpfl.shared.eval.fid import (
+    GaussianStats,
+    frechet_distance,
+    frechet_from_features,
+    inception_path,
+    precision_recall,
+)
 from dpfl.shared.ldm.lora import LoraSpec, save_adapter, wrap_unet
 from dpfl.shared.ldm.models import FASHION_MNIST_CLASSES, build_ldm, save_ldm
 

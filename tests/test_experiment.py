@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.data.fmnist import fashion_mnist_dir
+from dpfl.shared.privacy.accountant import PersistentAccountant
 
 ROOT = Path(__file__).resolve().parent.parent
 

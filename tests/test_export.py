@@ -13,8 +13,13 @@ import torch
 from click.testing import CliRunner
 
 from dpfl.shared.errors import ConfigError, IncompatibleAdapter, ModelError
-from dpfl.shared.export.onnx_bundle import (ExportConfig, PrivacyGuarantee, adapter_fingerprint,
-                                export_bundle, merge_adapter)
+from dpfl.shared.export.onnx_bundle import (
+    ExportConfig,
+    PrivacyGuarantee,
+    adapter_fingerprint,
+    export_bundle,
+    merge_adapter,
+)
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -64,8 +69,9 @@ def bundle(tmp_path_factory, tiny_ldm, adapter, privacy_file):
 
 
 def test_merge_applies_lora_and_trained_class_embedding(tiny_ldm, adapter):
-    from peft import PeftModel
     import copy
+
+    from peft import PeftModel
 
     merged = merge_adapter(tiny_ldm, adapter)
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_ldm.unet), str(adapter)).eval()

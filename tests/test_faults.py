@@ -37,9 +37,9 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from dpfl.shared.privacy.accountant import PersistentAccountant, epsilon_of
 from dpfl.shared.io import read_jsonl
 from dpfl.shared.ldm.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant, epsilon_of
 
 from .deploy_harness import ROOT, Harness, cli, env, free_port, wait_for
 from .test_federation import _silo

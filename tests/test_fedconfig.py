@@ -43,8 +43,9 @@ def test_site_config_requires_data_and_sane_budget():
 def test_flower_app_config_lists_every_key_with_the_dataclass_default():
     """`flwr run --run-config` can only override keys the app's pyproject declares."""
     import dataclasses
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     declared = declared["tool"]["flwr"]["app"]["config"]

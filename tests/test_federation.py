@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.data.readers import ImageSet, write_npz
-from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 from dpfl.shared.ldm.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED_METRICS = {"num-examples", "epsilon", "delta", "budget", "sigma", "sample-rate", "steps",

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 from dpfl.shared.errors import StateError
+from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 
 
 def rep(site, eps, delta=1e-5, exhausted=False, budget=10.0):

@@ -5,8 +5,17 @@ import torch
 from peft import PeftModel
 
 from dpfl.shared.errors import ConfigError, IncompatibleAdapter
-from dpfl.shared.ldm.lora import (PRESETS, LoraSpec, adapter_state, load_adapter, load_adapter_state,
-                              merged_unet, save_adapter, target_modules, wrap_unet)
+from dpfl.shared.ldm.lora import (
+    PRESETS,
+    LoraSpec,
+    adapter_state,
+    load_adapter,
+    load_adapter_state,
+    merged_unet,
+    save_adapter,
+    target_modules,
+    wrap_unet,
+)
 
 CE = "base_model.model.class_embedding.weight"
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from dpfl.shared.errors import ConfigError
 from dpfl.shared.data.partition import partition
+from dpfl.shared.errors import ConfigError
 
 LABELS = np.repeat(np.arange(10), 50)
 

@@ -83,8 +83,9 @@ def test_config_ranges():
 
 
 def test_which_settings_may_change_on_resume():
-    from dpfl.shared.ldm.pretrain import _resumable
     import dataclasses
+
+    from dpfl.shared.ldm.pretrain import _resumable
 
     cfg = PretrainConfig(preset="tiny", ae_steps=100, unet_steps=200)
     in_ae = {"stage": "ae", "config": dataclasses.asdict(cfg)}

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
-from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.errors import StateError
 from dpfl.shared.edge.grid import save_grid
+from dpfl.shared.errors import StateError
+from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 from dpfl.shared.io import append_jsonl, atomic_write_json
+from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.report.build import build_report, try_write_report, write_report
 from dpfl.shared.rundir import RunDir
 

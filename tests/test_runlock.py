@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 from dpfl.server.rounds import run_federation
 from dpfl.server.runlock import RunLock
 from dpfl.shared.errors import StateError
 from dpfl.shared.federation.config import FedConfig
+from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 
 HOLD = ("import sys, time; from dpfl.server.runlock import RunLock; "
         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")

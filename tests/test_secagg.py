@@ -17,10 +17,10 @@ from safetensors.numpy import load_file
 
 from dpfl.client.secagg import self_check
 from dpfl.server.secagg import masked_shape_problem
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import FedConfig
 from dpfl.shared.ldm.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
 
 from .test_federation import ALLOWED_METRICS, tiny_sites
 

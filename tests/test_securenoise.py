@@ -9,8 +9,12 @@ from opacus.optimizers import DPOptimizer
 from scipy import stats
 
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.privacy.securenoise import (OSEntropyDPOptimizer, make_secure, secure_noise,
-                                     urandom_standard_normal)
+from dpfl.shared.privacy.securenoise import (
+    OSEntropyDPOptimizer,
+    make_secure,
+    secure_noise,
+    urandom_standard_normal,
+)
 
 
 def test_standard_normal_samples_pass_distribution_checks():

@@ -21,9 +21,9 @@ from safetensors.numpy import load_file
 
 from dpfl.client.site import Site
 from dpfl.server.rounds import run_federation
-from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.federation.config import FedConfig, RoundPlan, SiteConfig
 from dpfl.shared.ldm.models import build_ldm, save_ldm
+from dpfl.shared.privacy.accountant import PersistentAccountant
 
 from .test_federation import tiny_sites
 

@@ -49,7 +49,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray, source: str | None = None) -> "ImageSet":
+    def subset(self, index: np.ndarray, source: str | None = None) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.class_names,
                         source or self.source)
 

@@ -7,9 +7,9 @@ split (optionally ``fmnist:private@SEED``); anything else is a path read by
 
 from __future__ import annotations
 
+from dpfl.shared.data.fmnist import standard_split
 from dpfl.shared.data.readers import ImageSet, read_any
 from dpfl.shared.errors import DataError
-from dpfl.shared.data.fmnist import standard_split
 
 
 def load_source(spec: str, skip_bad: bool = False) -> ImageSet:

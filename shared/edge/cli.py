@@ -12,14 +12,15 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from dpfl.shared.edge.grid import save_grid, to_uint8
 from dpfl.shared.edge.sampler import SOLVERS, EdgeBundle, SamplerConfig, sample_images
 from dpfl.shared.errors import ConfigError, DpflError
-from dpfl.shared.edge.grid import save_grid, to_uint8
 from dpfl.shared.io import atomic_write_json
 
 log = logging.getLogger(__name__)

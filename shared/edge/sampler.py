@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -168,7 +169,7 @@ class EdgeBundle:
     decoder: Any
 
     @classmethod
-    def load(cls, path: str | Path, variant: str = "fp32", threads: int = 0) -> "EdgeBundle":
+    def load(cls, path: str | Path, variant: str = "fp32", threads: int = 0) -> EdgeBundle:
         import onnxruntime as ort
 
         p = Path(path)

@@ -27,18 +27,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpfl.shared.eval.cnn import META_FILE, TrainedCNN, TrainSettings, accuracy, load_classifier
-from dpfl.shared.eval.cnn import predict_logits, save_classifier, train_cnn
 from dpfl.shared.data.readers import ImageSet, write_npz
-from dpfl.shared.errors import ConfigError, DataError, DpflError, ModelError
-from dpfl.shared.eval.fid import frechet_distance, frechet_from_features, GaussianStats, inception_features
-from dpfl.shared.eval.fid import inception_path, load_inception, precision_recall
+from dpfl.shared.data.sources import load_source
 from dpfl.shared.edge.grid import save_grid
+from dpfl.shared.errors import ConfigError, DataError, DpflError, ModelError
+from dpfl.shared.eval.cnn import (
+    META_FILE,
+    TrainedCNN,
+    TrainSettings,
+    accuracy,
+    load_classifier,
+    predict_logits,
+    save_classifier,
+    train_cnn,
+)
+from dpfl.shared.eval.fid import (
+    GaussianStats,
+    frechet_distance,
+    frechet_from_features,
+    inception_features,
+    inception_path,
+    load_inception,
+    precision_recall,
+)
 from dpfl.shared.io import atomic_write_json
 from dpfl.shared.ldm.models import LatentDiffusion, crop_center, fingerprint_modules, load_ldm
-from dpfl.shared.rundir import versions
 from dpfl.shared.ldm.sampling import sample_images
-from dpfl.shared.data.sources import load_source
+from dpfl.shared.rundir import versions
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ class GaussianStats:
     n: int
 
     @classmethod
-    def of(cls, features: np.ndarray | torch.Tensor) -> "GaussianStats":
+    def of(cls, features: np.ndarray | torch.Tensor) -> GaussianStats:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or len(f) < 2:
             raise DataError(f"feature statistics need a (N, D) array with N >= 2, got shape "

@@ -30,19 +30,26 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from dpfl.shared.ldm.diffusion import ddim_sample
-from dpfl.shared.edge.sampler import BUNDLE_FILE, BUNDLE_FORMAT, EdgeBundle, SamplerConfig, sample_images
+from dpfl.shared.edge.sampler import (
+    BUNDLE_FILE,
+    BUNDLE_FORMAT,
+    EdgeBundle,
+    SamplerConfig,
+    sample_images,
+)
 from dpfl.shared.errors import ConfigError, IncompatibleAdapter, ModelError
 from dpfl.shared.io import atomic_write_json
-from dpfl.shared.privacy.guarantee import PrivacyGuarantee
+from dpfl.shared.ldm.diffusion import ddim_sample
 from dpfl.shared.ldm.models import LatentDiffusion, crop_center, fingerprint_modules
+from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from dpfl.shared.errors import ConfigError
 
@@ -103,7 +104,7 @@ class RoundPlan:
                                   f"range: it must be {allowed} (see RoundPlan's documentation)")
 
     @classmethod
-    def from_record(cls, values: Mapping[str, Any]) -> "RoundPlan":
+    def from_record(cls, values: Mapping[str, Any]) -> RoundPlan:
         return _from_mapping(cls, values, "round plan")
 
     def to_record(self) -> dict[str, Any]:
@@ -205,7 +206,7 @@ class FedConfig(RoundPlan):
             raise ConfigError(f"secagg-max-weight must be > 0, got {self.secagg_max_weight}")
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FedConfig:
         return _from_mapping(cls, run_config, "run config")
 
     def plan(self, base_fingerprint: str) -> RoundPlan:
@@ -256,5 +257,5 @@ class SiteConfig:
             raise ConfigError(f"site {self.site_id}: accountant must be 'rdp' or 'prv', got {self.accountant!r}")
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteConfig":
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:
         return _from_mapping(cls, node_config, "node config")

@@ -52,7 +52,7 @@ class PrivacyLedger:
         self.client_level: dict[str, Any] | None = None  # DP-FedAvg spend, when enabled
 
     @classmethod
-    def load_or_create(cls, path: str | Path) -> "PrivacyLedger":
+    def load_or_create(cls, path: str | Path) -> PrivacyLedger:
         ledger = cls(path)
         if ledger.path.exists():
             try:

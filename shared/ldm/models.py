@@ -71,7 +71,7 @@ class LDMSpec:
         return {**dataclasses.asdict(self), "class_names": list(self.class_names)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "LDMSpec":
+    def from_json(cls, d: dict[str, Any]) -> LDMSpec:
         return cls(int(d["image_size"]), int(d["channels"]), int(d["source_size"]),
                    tuple(d["class_names"]))
 
@@ -170,7 +170,7 @@ class LatentDiffusion:
         s = self.spec.image_size // down
         return (c, s, s)
 
-    def to(self, device: torch.device | str) -> "LatentDiffusion":
+    def to(self, device: torch.device | str) -> LatentDiffusion:
         self.vae.to(device)
         self.unet.to(device)
         return self

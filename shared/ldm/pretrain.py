@@ -23,12 +23,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from dpfl.shared.data.readers import ImageSet, to_model_tensor
-from dpfl.shared.ldm.diffusion import example_losses
 from dpfl.shared.errors import ConfigError, StateError
 from dpfl.shared.io import atomic_write_bytes
+from dpfl.shared.ldm.diffusion import example_losses
 from dpfl.shared.ldm.models import PRESETS, LatentDiffusion, build_ldm, resolve_device, save_ldm
-from dpfl.shared.rundir import RunDir
 from dpfl.shared.ldm.sampling import class_grid
+from dpfl.shared.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

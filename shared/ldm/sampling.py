@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from dpfl.shared.ldm.diffusion import ddim_sample
 from dpfl.shared.edge.grid import save_grid
+from dpfl.shared.ldm.diffusion import ddim_sample
 from dpfl.shared.ldm.models import LatentDiffusion
 
 

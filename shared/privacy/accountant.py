@@ -78,7 +78,7 @@ class PersistentAccountant:
     # -- persistence --------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, kind: str = "rdp", delta: float = 1e-5,
-             budget: float = 10.0) -> "PersistentAccountant":
+             budget: float = 10.0) -> PersistentAccountant:
         """Continue the ledger at ``path``, or create (and save) a new one there.
 
         An existing ledger keeps its history; its kind and δ must match (mixing them is not
@@ -103,7 +103,7 @@ class PersistentAccountant:
         return acc
 
     @classmethod
-    def load(cls, path: str | Path) -> "PersistentAccountant":
+    def load(cls, path: str | Path) -> PersistentAccountant:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))

@@ -38,24 +38,30 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
-
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
-from dpfl.shared.privacy.accountant import KINDS, PersistentAccountant, epsilon_of
 from dpfl.shared.data.readers import ImageSet, to_model_tensor
-from dpfl.shared.ldm.diffusion import expand_draws, row_losses
 from dpfl.shared.errors import ConfigError, DataError, StateError
-from dpfl.shared.ldm.lora import LoraSpec, adapter_state, load_adapter_state, trainable_count, wrap_unet
+from dpfl.shared.ldm.diffusion import expand_draws, row_losses
+from dpfl.shared.ldm.lora import (
+    LoraSpec,
+    adapter_state,
+    load_adapter_state,
+    trainable_count,
+    wrap_unet,
+)
 from dpfl.shared.ldm.models import LatentDiffusion, resolve_device
+from dpfl.shared.privacy.accountant import KINDS, PersistentAccountant, epsilon_of
 from dpfl.shared.privacy.securenoise import make_secure
 
 log = logging.getLogger(__name__)

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 from diffusers.training_utils import EMAModel
 
-from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import DPConfig, DPRunStats, check_silo, dp_sgd
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.ldm.lora import make_conv_inputs_contiguous, trainable_count
 from dpfl.shared.ldm.models import LatentDiffusion, resolve_device
+from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.dpsgd import DPConfig, DPRunStats, check_silo, dp_sgd
 
 log = logging.getLogger(__name__)
 

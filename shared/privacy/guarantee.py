@@ -53,7 +53,7 @@ class PrivacyGuarantee:
 
     @classmethod
     def from_values(cls, epsilon: float | None, delta: float | None,
-                    accountant: str | None = None) -> "PrivacyGuarantee":
+                    accountant: str | None = None) -> PrivacyGuarantee:
         if epsilon is None and delta is None:
             return cls()
         if epsilon is None or delta is None:
@@ -62,7 +62,7 @@ class PrivacyGuarantee:
         return cls("stated", float(epsilon), float(delta), accountant, source="command line")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PrivacyGuarantee":
+    def from_file(cls, path: str | Path) -> PrivacyGuarantee:
         """Read any JSON object with ``epsilon``/``delta``/``accountant`` (or ``kind``, as in
         ``dpfl-accountant/1`` state files), at the top level or under ``global``, or
         ``global_epsilon``/``global_delta`` with per-site entries under ``sites`` (a federated

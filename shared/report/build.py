@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dpfl.shared.errors import StateError
 from dpfl.shared.report.render import Doc, flatten, read_json, read_records, write_doc
@@ -66,7 +67,10 @@ def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None
         raise StateError(f"{run_dir} holds no dpfl run (no config.json, ledger.json, "
                          "accountant.json or images); give the run directory itself")
     if kind == "central":
-        from dpfl.shared.report.central import central_sections, trains_whole_unet  # Opacus (seconds)
+        from dpfl.shared.report.central import (  # Opacus (seconds)
+            central_sections,
+            trains_whole_unet,
+        )
     whole_unet = kind == "central" and trains_whole_unet(cfg)
     title = "central DP run of the whole UNet" if whole_unet else TITLES[kind]
     doc = Doc(f"dpfl {title}: {run_dir.resolve().name}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dpfl.shared.errors import StateError
 from dpfl.shared.report.render import Doc, Plot, Series, read_json, read_records

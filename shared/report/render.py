@@ -14,9 +14,10 @@ import io
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dpfl.shared.errors import StateError
 from dpfl.shared.io import atomic_write_bytes, atomic_write_text, read_jsonl
