@@ -8,4 +8,8 @@ bash scripts/setup.sh
 export FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # one OpenMP thread per process: the suite runs several torch processes side by side
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# habits first: the linter over the whole tree, the type checker over shared/privacy and
+# shared/federation (both configured in pyproject.toml)
+ruff check --no-cache .
+mypy --no-incremental
 exec python -m pytest -q -p no:cacheprovider tests "$@"

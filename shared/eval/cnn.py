@@ -194,33 +194,20 @@ def train_cnn(data: ImageSet, settings: TrainSettings = TrainSettings(),
     arch = arch or CNNConfig(in_channels=data.images.shape[3], num_classes=n_classes)
     if arch.in_channels != data.images.shape[3] or arch.num_classes != n_classes:
         raise ConfigError(f"CNN config ({arch.in_channels} channel(s), {arch.num_classes} "
-                          f"classes) does not fit {data.source} ({data.images.shape[3]} channel(s), "
-                          f"{n_classes} classes)")
+                          f"classes) does not fit {data.source} "
+                          f"({data.images.shape[3]} channel(s), {n_classes} classes)")
     start = time.perf_counter()
     rng = np.random.default_rng(settings.seed)
     train_idx, val_idx = _split(len(data), settings.val_fraction, rng)
     train, val = data.subset(train_idx), data.subset(val_idx)
     torch.manual_seed(settings.seed)
-    dev = torch.device(settings.device)
-    model = SmallCNN(arch).to(dev)
+    model = SmallCNN(arch).to(torch.device(settings.device))
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    x_all = to_input(train.images)
-    y_all = torch.from_numpy(train.labels)
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     bar = tqdm(total=settings.epochs, desc=desc, disable=not progress)
     for epoch in range(1, settings.epochs + 1):
-        model.train()
-        total, seen = 0.0, 0
-        for idx in torch.from_numpy(rng.permutation(len(train))).split(settings.batch_size):
-            x, y = x_all[idx].to(dev), y_all[idx].to(dev)
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        rec: dict[str, Any] = {"epoch": epoch, "loss": total / seen}
+        rec = {"epoch": epoch, "loss": _train_epoch(model, opt, train, settings, rng)}
         if len(val):
             rec["val_accuracy"] = accuracy(model, val)[0]
             if best is None or rec["val_accuracy"] > best[0]:
@@ -236,6 +223,24 @@ def train_cnn(data: ImageSet, settings: TrainSettings = TrainSettings(),
     model.eval()
     return TrainedCNN(model, data.class_names, history, selected, len(train), len(val),
                       time.perf_counter() - start)
+
+
+def _train_epoch(model: SmallCNN, opt: torch.optim.Optimizer, train: ImageSet,
+                 settings: TrainSettings, rng: np.random.Generator) -> float:
+    """One pass over ``train`` in a random order; returns the mean training loss."""
+    dev = torch.device(settings.device)
+    x_all, y_all = to_input(train.images), torch.from_numpy(train.labels)
+    model.train()
+    total, seen = 0.0, 0
+    for idx in torch.from_numpy(rng.permutation(len(train))).split(settings.batch_size):
+        x, y = x_all[idx].to(dev), y_all[idx].to(dev)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    return total / seen
 
 
 def save_classifier(trained: TrainedCNN, folder: str | Path) -> Path:

@@ -172,7 +172,11 @@ def _configuration(doc: Doc, cfg: dict[str, Any]) -> None:
         doc.p("No config.json in the run directory.", note=True)
     else:
         extra = {k: v for k, v in cfg.items() if k not in ("config", "versions")}
-        doc.table(["key", "value"], flatten(extra) + flatten(cfg.get("config", {})))
+        # a key resolved at run time (the base model's fingerprint) is listed once, with
+        # its resolved value, not again as the config's empty placeholder
+        inner = cfg.get("config") if isinstance(cfg.get("config"), dict) else {}
+        inner = {k: v for k, v in inner.items() if k not in extra}
+        doc.table(["key", "value"], flatten(extra) + flatten(inner))
     doc.h("Versions")
     run_versions = cfg.get("versions") if isinstance(cfg.get("versions"), dict) else {}
     now = versions()
