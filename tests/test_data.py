@@ -20,7 +20,8 @@ from .conftest import requires_fmnist
 
 def _write_idx(path, arr, gz):
     codes = {np.uint8: 0x08}
-    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    header = bytes([0, 0, codes[arr.dtype.type], arr.ndim]) \
+        + struct.pack(f">{arr.ndim}I", *arr.shape)
     data = header + arr.tobytes()
     (gzip.open(path, "wb") if gz else open(path, "wb")).write(data)
 
@@ -55,7 +56,8 @@ def _folder(tmp_path, rng):
     for cls in ("benign", "malignant"):
         (root / cls).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)).save(root / cls / f"{i}.png")
+            img = Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8))
+            img.save(root / cls / f"{i}.png")
     return root
 
 
@@ -76,7 +78,8 @@ def test_image_folder_rgb_and_jpeg(tmp_path, rng):
     root = tmp_path / "rgb"
     (root / "a").mkdir(parents=True)
     for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "a" / f"{i}.jpg")
+        img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        img.save(root / "a" / f"{i}.jpg")
     ds = read_image_folder(root)
     assert ds.images.shape == (2, 8, 8, 3)
 
@@ -93,7 +96,8 @@ def test_corrupt_image_is_reported_by_name_or_skipped_with_count(tmp_path, rng):
 
 def test_image_of_wrong_size_is_named(tmp_path, rng):
     root = _folder(tmp_path, rng)
-    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(root / "benign" / "big.png")
+    big = Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8))
+    big.save(root / "benign" / "big.png")
     with pytest.raises(DataError, match="big.png"):
         read_image_folder(root)
 
@@ -101,8 +105,8 @@ def test_image_of_wrong_size_is_named(tmp_path, rng):
 def test_npz_round_trip_and_no_pickles(tmp_path, rng):
     from dpfl.shared.data.readers import ImageSet
 
-    ds = ImageSet(rng.integers(0, 256, (4, 6, 6, 1)).astype(np.float32) / 255, np.array([0, 1, 2, 1]),
-                  ("x", "y", "z"), "gen")
+    ds = ImageSet(rng.integers(0, 256, (4, 6, 6, 1)).astype(np.float32) / 255,
+                  np.array([0, 1, 2, 1]), ("x", "y", "z"), "gen")
     write_npz(tmp_path / "s.npz", ds)
     back = read_npz(tmp_path / "s.npz")
     np.testing.assert_allclose(back.images, ds.images, atol=1 / 255)

@@ -81,7 +81,8 @@ def test_epsilon_prediction_model_matches_torch(tmp_path):
     ldm = build_ldm("tiny", seed=2)
     ldm.scheduler = DDPMScheduler.from_config(ldm.scheduler.config, prediction_type="epsilon")
     path = export_bundle(ldm, tmp_path / "eps", config=ExportConfig(parity_steps=2))
-    assert json.loads((path / "bundle.json").read_text())["scheduler"]["prediction_type"] == "epsilon"
+    bundle = json.loads((path / "bundle.json").read_text())
+    assert bundle["scheduler"]["prediction_type"] == "epsilon"
     labels = torch.tensor([1, 2])
     noise = torch.randn(2, *ldm.latent_shape, generator=torch.Generator().manual_seed(1))
     z = ddim_sample(ldm.unet, ldm.scheduler, labels, ldm.latent_shape, ldm.spec.null_class,

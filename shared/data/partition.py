@@ -57,7 +57,8 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
     if not alpha > 0:
         raise ConfigError(f"dirichlet alpha must be > 0, got {alpha}")
     if min_size * num_clients > len(labels):
-        raise ConfigError(f"min_size {min_size} x {num_clients} clients exceeds {len(labels)} examples")
+        raise ConfigError(f"min_size {min_size} x {num_clients} clients exceeds "
+                          f"{len(labels)} examples")
     rng = np.random.default_rng(seed)
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]

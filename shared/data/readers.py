@@ -41,10 +41,11 @@ class ImageSet:
         if len(self.images) != len(self.labels):
             raise DataError(f"{self.source}: {len(self.images)} images but "
                             f"{len(self.labels)} labels")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            bad = int(self.labels[(self.labels < 0) | (self.labels >= len(self.class_names))][0])
-            raise DataError(f"{self.source}: label {bad} out of range 0..{len(self.class_names) - 1} "
-                            f"({len(self.class_names)} classes)")
+        n_cls = len(self.class_names)
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= n_cls):
+            bad = int(self.labels[(self.labels < 0) | (self.labels >= n_cls)][0])
+            raise DataError(f"{self.source}: label {bad} out of range 0..{n_cls - 1} "
+                            f"({n_cls} classes)")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -147,7 +148,8 @@ def read_image_folder(root: str | Path, skip_bad: bool = False) -> ImageSet:
         raise DataError(f"image folder {root} does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"image folder {root} has no class sub-folders (expected root/<class>/*.png)")
+        raise DataError(f"image folder {root} has no class sub-folders "
+                        "(expected root/<class>/*.png)")
     images, labels, bad = [], [], []
     for label, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
@@ -237,7 +239,8 @@ def to_model_tensor(data: ImageSet, image_size: int, channels: int) -> torch.Ten
     n, h, w, c = data.images.shape
     if c != channels:
         raise DataError(f"{data.source}: images have {c} channel(s) but the model expects "
-                        f"{channels}; convert them (e.g. to {'grayscale' if channels == 1 else 'RGB'})")
+                        f"{channels}; convert them (e.g. to "
+                        f"{'grayscale' if channels == 1 else 'RGB'})")
     if h > image_size or w > image_size:
         raise DataError(f"{data.source}: images are {w}x{h} pixels but the model takes at most "
                         f"{image_size}x{image_size}; resize them first")

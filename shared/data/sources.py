@@ -16,7 +16,8 @@ def load_source(spec: str, skip_bad: bool = False) -> ImageSet:
     if spec.startswith("fmnist:"):
         part, _, seed = spec[len("fmnist:"):].partition("@")
         if part not in ("public", "private", "test"):
-            raise DataError(f"data source {spec!r}: use fmnist:public, fmnist:private or fmnist:test")
+            raise DataError(f"data source {spec!r}: use fmnist:public, fmnist:private or "
+                            "fmnist:test")
         try:
             split = standard_split(int(seed) if seed else 0)
         except ValueError:

@@ -139,7 +139,8 @@ class TrainedCNN:
 
 def to_input(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, C) float in [0, 1] -> (N, C, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return x.permute(0, 3, 1, 2) * 2 - 1
 
 
 @torch.no_grad()
@@ -160,7 +161,8 @@ def predict_logits(model: SmallCNN, data: ImageSet, batch_size: int = 512,
                                                    else model.cfg.num_classes)
 
 
-def accuracy(model: SmallCNN, data: ImageSet, batch_size: int = 512) -> tuple[float, list[float | None]]:
+def accuracy(model: SmallCNN, data: ImageSet,
+             batch_size: int = 512) -> tuple[float, list[float | None]]:
     """Overall accuracy and per-class accuracy (None for classes absent from ``data``)."""
     pred = predict_logits(model, data, batch_size).argmax(1).numpy()
     correct = pred == data.labels
@@ -283,7 +285,8 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> TrainedCNN:
     try:
         model.load_state_dict(load_file(str(weights)))
     except (RuntimeError, OSError) as exc:
-        raise ModelError(f"{weights} does not match the architecture in {meta_path}: {exc}") from exc
+        raise ModelError(f"{weights} does not match the architecture in {meta_path}: "
+                         f"{exc}") from exc
     model.to(device).eval()
     known = {"format", "arch", "class_names", "history", "selected_epoch", "train_size",
              "val_size", "seconds"}

@@ -85,7 +85,8 @@ def _kth_neighbour_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int) -> torch.Tensor:
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor,
+            chunk: int) -> torch.Tensor:
     hits = []
     for part in points.split(chunk):
         hits.append((torch.cdist(part, centres) <= radii[None, :]).any(1))
