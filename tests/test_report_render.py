@@ -16,3 +16,27 @@ def test_resolved_key_is_listed_once_with_its_value(tmp_path):
     rows = [line for line in md.splitlines() if "base_fingerprint" in line]
     assert rows == ["| base_fingerprint | sha256:abc |"]
     assert "| num_rounds | 3 |" in md
+
+
+def test_html_is_the_markdown_rendered_with_text_escaped_and_images_embedded(tmp_path):
+    import base64
+
+    import numpy as np
+
+    from dpfl.shared.edge.grid import save_grid
+    from dpfl.shared.report.render import Doc, write_doc
+
+    png = save_grid(np.zeros((1, 1, 4, 4)), tmp_path / "g.png", nrow=1)
+    doc = Doc("t")
+    doc.h("Sites")
+    doc.p("a site named `<script>alert(1)</script>`")
+    doc.p("careful", note=True)
+    doc.table(["site", "reason"], [["<img src=x onerror=alert(1)>", "a | b"]])
+    doc.image(png, "grid")
+    html = write_doc(doc, tmp_path / "out").read_text()
+    assert "<script>" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;" in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<td>a | b</td>" in html and "<th>site</th>" in html
+    assert "<blockquote>" in html and "<h2>Sites</h2>" in html
+    embedded = base64.b64encode(png.read_bytes()).decode()
+    assert f'<img src="data:image/png;base64,{embedded}" alt="grid"' in html

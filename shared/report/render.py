@@ -1,9 +1,10 @@
 """Plain report documents: headings, paragraphs, tables, images, plots -> Markdown and HTML.
 
 A :class:`Doc` is a list of blocks. :func:`write_doc` writes it into one folder as
-``report.md`` (images beside it, linked by relative path) and ``report.html`` (every image
-base64-embedded, so the single file can be mailed). Plots are drawn with matplotlib's
-object-oriented API (``Figure`` + Agg canvas): no pyplot, no global backend change.
+``report.md`` (images beside it, linked by relative path) and ``report.html``, that Markdown
+rendered by markdown-it-py with every image base64-embedded, so the single file can be
+mailed. Plots are drawn with matplotlib's object-oriented API (``Figure`` + Agg canvas): no
+pyplot, no global backend change.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import base64
 import html
 import io
 import json
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
+
+from markdown_it import MarkdownIt
 
 from dpfl.shared.errors import StateError
 from dpfl.shared.io import atomic_write_bytes, atomic_write_text, read_jsonl
@@ -27,7 +30,8 @@ color:#222;line-height:1.45}table{border-collapse:collapse;margin:.6em 0}
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;font-size:.92em}
 th{background:#f2f2f2}figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.9em;color:#555}code{background:#f4f4f4;padding:0 .2em}
-.note{background:#fff8e0;border-left:4px solid #e0b000;padding:.4em .8em}"""
+blockquote{background:#fff8e0;border-left:4px solid #e0b000;margin:1em 0;
+padding:.4em .8em}"""
 
 
 @dataclass(frozen=True)
@@ -184,38 +188,20 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _inline(text: str) -> str:
-    """Escaped HTML text with Markdown's `code` spans as <code>."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
-
-
-def to_html(doc: Doc, out_dir: Path) -> str:
-    """The document as one self-contained HTML page (images embedded as data URIs)."""
-    e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>{e(doc.title)}</title><style>{CSS}</style></head><body>",
-           f"<h1>{e(doc.title)}</h1>"]
-    for kind, payload in doc.blocks:
-        if kind == "h2":
-            out.append(f"<h2>{e(payload)}</h2>")
-        elif kind == "p":
-            out.append(f"<p>{_inline(payload)}</p>")
-        elif kind == "note":
-            out.append(f'<p class="note">{_inline(payload)}</p>')
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in payload) + "</ul>")
-        elif kind == "table":
-            headers, rows = payload
-            out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
-                                 for r in rows) + "</table>")
-        elif kind in ("img", "plot"):
-            src, caption = payload
-            path = src if kind == "img" else out_dir / src
-            out.append(f'<figure><img src="{_data_uri(path)}" alt="{e(caption)}">'
-                       f"<figcaption>{e(caption)}</figcaption></figure>")
-    out.append("</body></html>")
-    return "\n".join(out)
+def to_html(title: str, markdown: str, out_dir: Path) -> str:
+    """The Markdown as one self-contained HTML page: rendered by markdown-it-py (CommonMark
+    plus tables, raw HTML off, so text from a run - site names included - is escaped), with
+    every image embedded as a data URI so the single file can be mailed."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(markdown)
+    for token in tokens:
+        for child in token.children or []:
+            if child.type == "image":
+                child.attrSet("src", _data_uri(out_dir / unquote(str(child.attrGet("src")))))
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        md.renderer.render(tokens, md.options, {}), "</body></html>"])
 
 
 def write_doc(doc: Doc, out_dir: Path) -> Path:
@@ -223,8 +209,9 @@ def write_doc(doc: Doc, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for plot in doc.plots:
         draw(plot, out_dir / plot.name)
-    atomic_write_text(out_dir / "report.md", to_markdown(doc, out_dir))
-    return atomic_write_text(out_dir / "report.html", to_html(doc, out_dir))
+    markdown = to_markdown(doc, out_dir)
+    atomic_write_text(out_dir / "report.md", markdown)
+    return atomic_write_text(out_dir / "report.html", to_html(doc.title, markdown, out_dir))
 
 
 # -- reading a run directory (every error names the file) -------------------------------
