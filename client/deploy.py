@@ -110,28 +110,11 @@ def preflight(node: SiteNode, timeout: float = 5.0) -> None:
                  node.superlink)
 
 
-def start_node(node: SiteNode, log_file: Path | None = None) -> subprocess.Popen:
-    """Start the SuperNode in its own process group (stop it with ``os.killpg``)."""
-    state = Path(node.site.state_dir).expanduser().resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    node.flwr_home.mkdir(parents=True, exist_ok=True)
-    out = open(log_file or state / "supernode.log", "ab")  # noqa: SIM115 (child owns it)
-    log.info("site %s joining %s", node.site.site_id, node.superlink)
-    proc = subprocess.Popen(node.command(), env=_env(node), cwd=state, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    out.close()
-    return proc
-
-
-def _env(node: SiteNode) -> dict[str, str]:
-    return flwr_env(node.flwr_home)
-
-
 def run_node(node: SiteNode) -> int:
     """Run the SuperNode in the foreground until it exits; SIGTERM/SIGINT are passed on."""
     import signal
 
-    proc = subprocess.Popen(node.command(), env=_env(node))
+    proc = subprocess.Popen(node.command(), env=flwr_env(node.flwr_home))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
     return proc.wait()

@@ -159,12 +159,6 @@ def register_site(coord: Coordinator, public_key: Path, name: str = "") -> int:
     return int(answer["node-id"])
 
 
-def registered_keys(coord: Coordinator) -> int:
-    """How many sites the SuperLink lists (any status)."""
-    answer = _flwr(coord, ["supernode", "list", CONNECTION])
-    return len(answer.get("nodes", []))
-
-
 def app_dir(explicit: str | Path | None, work: Path) -> Path:
     """A minimal Flower app directory: dpfl's pyproject.toml (and README) copied to ``work``.
 

@@ -106,17 +106,27 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+def _key_usage(cert_sign: bool) -> x509.KeyUsage:
+    """digitalSignature (a TLS ECDHE handshake), plus keyCertSign and cRLSign for the CA."""
+    return x509.KeyUsage(digital_signature=True, key_cert_sign=cert_sign, crl_sign=cert_sign,
+                         content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, encipher_only=False,
+                         decipher_only=False)
+
+
 def make_ca(layout: PkiLayout, days: int = 3650) -> None:
-    """A self-signed CA (ECDSA P-384) that signs the coordinator's certificate."""
+    """A self-signed CA (ECDSA P-384) that signs the coordinator's certificate, with the
+    extensions RFC 5280 and the CA/Browser Forum profile expect of a root: basicConstraints
+    and keyUsage (critical), subject and authority key identifiers."""
     key = ec.generate_private_key(ec.SECP384R1())
     name = _name("dpfl federation CA")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (_builder(name, name, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                         crl_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(ski, critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                           critical=False)
             .sign(key, hashes.SHA384()))
     _write_private(layout.ca_key, _pem_key(key))
     layout.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -127,8 +137,20 @@ def default_hosts() -> list[str]:
     return sorted({"127.0.0.1", "localhost", "::1", socket.gethostname()})
 
 
+def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """The CA's subject key identifier, or one derived from its key (a CA written by an older
+    dpfl has none)."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
 def make_server_cert(layout: PkiLayout, hosts: list[str], days: int = 825) -> None:
-    """The SuperLink's TLS certificate, valid for every name/IP in ``hosts``."""
+    """The SuperLink's TLS certificate, valid for every name/IP in ``hosts`` (subject
+    alternative names), for server authentication only, with key identifiers that chain it
+    to the CA."""
     if not layout.ca_key.exists():
         raise ConfigError(f"no CA key at {layout.ca_key}; create the CA first")
     ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
@@ -144,8 +166,12 @@ def make_server_cert(layout: PkiLayout, hosts: list[str], days: int = 825) -> No
                      key.public_key(), days)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .add_extension(_authority_key_id(ca_cert), critical=False)
             .sign(ca_key, hashes.SHA384()))
     _write_private(layout.server_key, _pem_key(key))
     layout.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
