@@ -1,26 +1,30 @@
-"""``dpfl-client``: what a hospital runs (its data, local DP training, its site)."""
+"""``dpfl-client``: what a hospital runs (its data, local DP training, its site).
+
+Options take their defaults and choices from the dataclasses and registries that own them;
+commands whose settings live in torch modules make their options on first use
+(:class:`dpfl.shared.cli.LazyCommand`), so the group and ``data`` start fast.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
+from dpfl.shared.cli import CTX, LazyCommand, fail
+from dpfl.shared.data.partition import SCHEMES
+from dpfl.shared.data.partition import partition as split
+from dpfl.shared.defaults import default_of, defaults_of
 from dpfl.shared.errors import DpflError
 
 if TYPE_CHECKING:  # imported lazily below: the CLI starts fast
     from dpfl.client.train import TrainJob
     from dpfl.shared.privacy.dpsgd import DPConfig
-
-CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
-
-
-def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc)) from exc
 
 
 @click.group(context_settings=CTX)
@@ -46,7 +50,7 @@ def inspect(source: str, skip_bad: bool) -> None:
     try:
         ds = load_source(source, skip_bad=skip_bad)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     counts = np.bincount(ds.labels, minlength=len(ds.class_names))
     click.echo(json.dumps({
         "source": ds.source, "examples": len(ds), "shape": list(ds.images.shape[1:]),
@@ -57,14 +61,14 @@ def inspect(source: str, skip_bad: bool) -> None:
 @data.command(context_settings=CTX)
 @click.argument("source")
 @click.option("--clients", type=click.IntRange(min=1), default=3)
-@click.option("--scheme", type=click.Choice(["iid", "class", "dirichlet"]), default="dirichlet")
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=0.5,
+@click.option("--scheme", type=click.Choice(SCHEMES), default="dirichlet")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True),
+              default=default_of(split, "alpha"),
               help="Dirichlet concentration (smaller: more skewed).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=default_of(split, "seed"))
 @click.option("--out", type=click.Path(file_okay=False), default="silos")
 def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, out: str) -> None:
     """Split SOURCE into client silos written as OUT/client-<i>.npz (for simulations)."""
-    from dpfl.shared.data.partition import partition as split
     from dpfl.shared.data.readers import write_npz
     from dpfl.shared.data.sources import load_source
 
@@ -72,7 +76,7 @@ def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, o
         ds = load_source(source)
         parts = split(ds.labels, clients, scheme, seed=seed, alpha=alpha)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     Path(out).mkdir(parents=True, exist_ok=True)
     for i, idx in enumerate(parts):
         path = Path(out) / f"client-{i}.npz"
@@ -81,54 +85,77 @@ def partition(source: str, clients: int, scheme: str, alpha: float, seed: int, o
         click.echo(f"{path}: {len(idx)} images, per class {counts}")
 
 
-def _run_options(run_dir: str, lr: float, physical_batch: int, model_help: str):
-    """The options ``train`` and ``train-full`` share: silo, model, DP-SGD, ledger, grids."""
-    options = [
-        click.option("--data", required=True,
+def _run_options(run_dir: str, model_help: str, **dp_defaults: Any) -> list[click.Parameter]:
+    """The options ``train`` and ``train-full`` share: silo, model, DP-SGD, ledger, grids.
+    Defaults are TrainJob's and DPConfig's, except the DPConfig fields in ``dp_defaults``."""
+    from dpfl.client.train import TrainJob
+    from dpfl.shared.privacy.dpsgd import DPConfig
+
+    job, dp = defaults_of(TrainJob), {**defaults_of(DPConfig), **dp_defaults}
+    return [
+        click.Option(["--data"], required=True,
                      help="Private silo: image folder, .npz, IDX file or fmnist:private."),
-        click.option("--model", "model_dir", required=True, type=click.Path(), help=model_help),
-        click.option("--run-dir", type=click.Path(file_okay=False), default=run_dir),
-        click.option("--limit", type=click.IntRange(min=0), default=0,
+        click.Option(["--model", "model_dir"], required=True, type=click.Path(), help=model_help),
+        click.Option(["--run-dir"], type=click.Path(file_okay=False), default=run_dir),
+        click.Option(["--limit"], type=click.IntRange(min=0), default=job["limit"],
                      help="Use a seeded random subset of this many examples (0: all)."),
-        click.option("--epsilon", type=click.FloatRange(min=0, min_open=True), default=10.0,
-                     help="Target epsilon for sigma calibration (and default budget)."),
-        click.option("--sigma", type=click.FloatRange(min=0), default=None,
-                     help="Noise multiplier; overrides calibration from --epsilon."),
-        click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                     default=1e-5),
-        click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Epsilon budget of the ledger [default: --epsilon]."),
-        click.option("--accountant", type=click.Choice(["rdp", "prv"]), default="rdp"),
-        click.option("--accountant-file", type=click.Path(dir_okay=False), default=None,
-                     help="Privacy ledger [default: RUN_DIR/accountant.json]."),
-        click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0,
-                     help="Clipping norm C."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=256,
-                     help="Expected logical batch."),
-        click.option("--physical-batch", type=click.IntRange(min=1), default=physical_batch,
-                     help="Examples per forward/backward pass (memory grows with it times K)."),
-        click.option("-k", "--noise-multiplicity", type=click.IntRange(min=1), default=4),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr),
-        click.option("--epochs", type=click.IntRange(min=1), default=1),
-        click.option("--planned-steps", type=click.IntRange(min=1), default=None,
-                     help="Steps of the whole planned run for calibration [default: this run's]."),
-        click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1),
-        click.option("--secure-mode/--no-secure-mode", default=False,
-                     help="DP noise from the OS CSPRNG, hardened against floating-point "
-                          "attacks (Opacus' secure-mode construction); use for real data."),
-        click.option("--seed", type=int, default=0),
-        click.option("--device", default="auto", help="auto, cpu or cuda[:N]."),
-        click.option("--sample-steps", type=click.IntRange(1, 1000), default=50),
-        click.option("--per-class", type=click.IntRange(1, 64), default=8),
-        click.option("--guidance", type=click.FloatRange(min=0), default=1.0),
-        click.option("--progress/--no-progress", default=True),
+        *_budget_options(dp, job),
+        *_sgd_options(dp),
+        click.Option(["--sample-steps"], type=click.IntRange(1, 1000),
+                     default=job["sample_steps"]),
+        click.Option(["--per-class"], type=click.IntRange(1, 64), default=job["per_class"]),
+        click.Option(["--guidance"], type=click.FloatRange(min=0), default=job["guidance"]),
+        click.Option(["--progress/--no-progress"], default=True),
     ]
 
-    def apply(f):
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return apply
+
+def _budget_options(dp: dict[str, Any], job: dict[str, Any]) -> list[click.Parameter]:
+    """Target, noise, accountant and ledger (defaults: ``dp`` DPConfig's, ``job`` TrainJob's)."""
+    from dpfl.shared.privacy.accountant import KINDS
+
+    return [
+        click.Option(["--epsilon"], type=click.FloatRange(min=0, min_open=True),
+                     default=dp["target_epsilon"],
+                     help="Target epsilon for sigma calibration (and default budget)."),
+        click.Option(["--sigma"], type=click.FloatRange(min=0), default=dp["noise_multiplier"],
+                     help="Noise multiplier; overrides calibration from --epsilon."),
+        click.Option(["--delta"], type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=dp["delta"]),
+        click.Option(["--budget"], type=click.FloatRange(min=0, min_open=True),
+                     default=job["budget"],
+                     help="Epsilon budget of the ledger [default: --epsilon]."),
+        click.Option(["--accountant"], type=click.Choice(list(KINDS)), default=dp["accountant"]),
+        click.Option(["--accountant-file"], type=click.Path(dir_okay=False),
+                     default=job["accountant_file"],
+                     help="Privacy ledger [default: RUN_DIR/accountant.json]."),
+    ]
+
+
+def _sgd_options(dp: dict[str, Any]) -> list[click.Parameter]:
+    """DP-SGD's own settings (``dp``: their defaults)."""
+    return [
+        click.Option(["--clip"], type=click.FloatRange(min=0, min_open=True), default=dp["clip"],
+                     help="Clipping norm C."),
+        click.Option(["--batch-size"], type=click.IntRange(min=1), default=dp["batch_size"],
+                     help="Expected logical batch."),
+        click.Option(["--physical-batch"], type=click.IntRange(min=1),
+                     default=dp["max_physical_batch"],
+                     help="Examples per forward/backward pass (memory grows with it times K)."),
+        click.Option(["-k", "--noise-multiplicity"], type=click.IntRange(min=1),
+                     default=dp["noise_multiplicity"]),
+        click.Option(["--lr"], type=click.FloatRange(min=0, min_open=True), default=dp["lr"]),
+        click.Option(["--epochs"], type=click.IntRange(min=1), default=dp["epochs"]),
+        click.Option(["--planned-steps"], type=click.IntRange(min=1), default=dp["planned_steps"],
+                     help="Steps of the whole planned run for calibration [default: this "
+                          "run's]."),
+        click.Option(["--cond-drop"], type=click.FloatRange(0, 1, max_open=True),
+                     default=dp["cond_drop"]),
+        click.Option(["--secure-mode/--no-secure-mode"], default=dp["secure_mode"],
+                     help="DP noise from the OS CSPRNG, hardened against floating-point "
+                          "attacks (Opacus' secure-mode construction); use for real data."),
+        click.Option(["--seed"], type=int, default=dp["seed"]),
+        click.Option(["--device"], default=dp["device"], help="auto, cpu or cuda[:N]."),
+    ]
 
 
 def _job_and_dp(o: dict) -> tuple[TrainJob, DPConfig]:
@@ -149,16 +176,28 @@ def _job_and_dp(o: dict) -> tuple[TrainJob, DPConfig]:
     return job, dp
 
 
-@main.command(context_settings=CTX)
-@_run_options("runs/train", lr=1e-3, physical_batch=64, model_help="Base model directory.")
-@click.option("--preset", type=click.Choice(["attention", "attention+proj", "attention+conv"]),
-              default="attention", help="Layers that get LoRA adapters.")
-@click.option("--rank", type=click.IntRange(min=1), default=4)
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=8.0)
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0)
-@click.option("--blocks", default="", help="Comma-separated module prefixes, e.g. up_blocks,mid_block (empty: all).")
-@click.option("--class-embedding/--no-class-embedding", default=True,
-              help="Train the class embedding too.")
+def _train_options() -> list[click.Parameter]:
+    from dpfl.shared.ldm.lora import PRESETS, LoraSpec
+
+    lora = partial(default_of, LoraSpec)
+    return [
+        *_run_options("runs/train", model_help="Base model directory."),
+        click.Option(["--preset"], type=click.Choice(list(PRESETS)), default=lora("preset"),
+                     help="Layers that get LoRA adapters."),
+        click.Option(["--rank"], type=click.IntRange(min=1), default=lora("rank")),
+        click.Option(["--alpha"], type=click.FloatRange(min=0, min_open=True),
+                     default=lora("alpha")),
+        click.Option(["--dropout"], type=click.FloatRange(0, 1, max_open=True),
+                     default=lora("dropout")),
+        click.Option(["--blocks"], default=",".join(lora("blocks") or ()),
+                     help="Comma-separated module prefixes, e.g. up_blocks,mid_block (empty: "
+                          "all)."),
+        click.Option(["--class-embedding/--no-class-embedding"],
+                     default=lora("train_class_embedding"), help="Train the class embedding too."),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_train_options, context_settings=CTX)
 def train(preset, rank, alpha, dropout, blocks, class_embedding, **run) -> None:
     """DP-LoRA fine-tuning on one local silo (central mode): writes RUN_DIR with the adapter."""
     from dpfl.client.train import run_train
@@ -171,19 +210,30 @@ def train(preset, rank, alpha, dropout, blocks, class_embedding, **run) -> None:
         job, dp = _job_and_dp(run)
         summary = run_train(job, lora, dp, progress=run["progress"])
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(json.dumps(summary, indent=2))
 
 
-@main.command("train-full", context_settings=CTX)
-@_run_options("runs/train-full", lr=3e-4, physical_batch=16,
-              model_help="Base model directory: its public autoencoder, scheduler, class names "
-                         "and UNet architecture (its UNet weights only with --init base).")
-@click.option("--init", type=click.Choice(["scratch", "base"]), default="scratch",
-              help="scratch: a randomly initialised UNet (seeded by --seed), the DPDM "
-                   "baseline; base: the base model's UNet (DP full fine-tuning).")
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999,
-              help="EMA of the weights (post-processing, no privacy cost); 0: off.")
+def _train_full_options() -> list[click.Parameter]:
+    from dpfl.client.train_full import INITS, run_train_full
+
+    full = partial(default_of, run_train_full)
+    return [
+        # the whole UNet: a smaller step and, for Opacus' per-sample gradients, a smaller batch
+        *_run_options("runs/train-full", lr=3e-4, max_physical_batch=16,
+                      model_help="Base model directory: its public autoencoder, scheduler, class "
+                                 "names and UNet architecture (its UNet weights only with --init "
+                                 "base)."),
+        click.Option(["--init"], type=click.Choice(list(INITS)), default=full("init"),
+                     help="scratch: a randomly initialised UNet (seeded by --seed), the DPDM "
+                          "baseline; base: the base model's UNet (DP full fine-tuning)."),
+        click.Option(["--ema-decay"], type=click.FloatRange(0, 1, max_open=True),
+                     default=full("ema_decay"),
+                     help="EMA of the weights (post-processing, no privacy cost); 0: off."),
+    ]
+
+
+@main.command("train-full", cls=LazyCommand, options=_train_full_options, context_settings=CTX)
 def train_full(init, ema_decay, **run) -> None:
     """DP-SGD on every UNet parameter (default: from scratch): writes RUN_DIR/model.
 
@@ -202,36 +252,54 @@ def train_full(init, ema_decay, **run) -> None:
         summary = run_train_full(job, dp, init=init, ema_decay=ema_decay,
                                  progress=run["progress"])
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(json.dumps(summary, indent=2))
 
 
-@main.command(context_settings=CTX)
-@click.option("--superlink", required=True, help="The coordinator's address, host:port.")
-@click.option("--ca-cert", required=True, type=click.Path(dir_okay=False),
-              help="The federation's CA certificate (verifies the coordinator).")
-@click.option("--node-key", required=True, type=click.Path(dir_okay=False),
-              help="This site's node-authentication private key (from the coordinator's "
-                   "'dpfl-server certs').")
-@click.option("--site-id", required=True, help="This site's name in the privacy ledger.")
-@click.option("--data", required=True, help="Private images: image folder, .npz or IDX file.")
-@click.option("--base-model", required=True, type=click.Path(file_okay=False),
-              help="Local copy of the public base model (verified by fingerprint).")
-@click.option("--state-dir", required=True, type=click.Path(file_okay=False),
-              help="Persistent state: accountant, cached latents. Never delete between runs.")
-@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              help="The most epsilon this site will ever spend (across all runs).")
-@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5)
-@click.option("--accountant", type=click.Choice(["rdp", "prv"]), default="rdp")
-@click.option("--max-physical-batch", type=click.IntRange(min=1), default=256)
-@click.option("--secure-mode/--no-secure-mode", default=True,
-              help="DP noise from the OS CSPRNG, hardened against floating-point attacks "
-                   "(on by default for a real site; --no-secure-mode only for experiments).")
-@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
-@click.option("--runtime-port", type=click.IntRange(1, 65535), default=9094,
-              help="Loopback port of the SuperNode's Runtime API (distinct per node).")
-@click.option("--max-wait-time", type=click.FloatRange(min=0), default=0.0,
-              help="Give up after this many seconds without the coordinator (0: never).")
+def _join_options() -> list[click.Parameter]:
+    from dpfl.client.deploy import SiteNode
+    from dpfl.shared.federation.config import ACCOUNTANTS, SiteConfig
+
+    site = partial(default_of, SiteConfig)
+    return [
+        click.Option(["--superlink"], required=True, help="The coordinator's address, host:port."),
+        click.Option(["--ca-cert"], required=True, type=click.Path(dir_okay=False),
+                     help="The federation's CA certificate (verifies the coordinator)."),
+        click.Option(["--node-key"], required=True, type=click.Path(dir_okay=False),
+                     help="This site's node-authentication private key (from the "
+                          "coordinator's 'dpfl-server certs')."),
+        click.Option(["--site-id"], required=True, help="This site's name in the privacy ledger."),
+        click.Option(["--data"], required=True,
+                     help="Private images: image folder, .npz or IDX file."),
+        click.Option(["--base-model"], required=True, type=click.Path(file_okay=False),
+                     help="Local copy of the public base model (verified by fingerprint)."),
+        click.Option(["--state-dir"], required=True, type=click.Path(file_okay=False),
+                     help="Persistent state: accountant, cached latents. Never delete between "
+                          "runs."),
+        click.Option(["--epsilon-budget"], type=click.FloatRange(min=0, min_open=True),
+                     default=site("epsilon_budget"),
+                     help="The most epsilon this site will ever spend (across all runs)."),
+        click.Option(["--delta"], type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=site("delta")),
+        click.Option(["--accountant"], type=click.Choice(ACCOUNTANTS), default=site("accountant")),
+        click.Option(["--max-physical-batch"], type=click.IntRange(min=1),
+                     default=site("max_physical_batch")),
+        # on by default for a real site, unlike SiteConfig's default (off, for simulations)
+        click.Option(["--secure-mode/--no-secure-mode"], default=True,
+                     help="DP noise from the OS CSPRNG, hardened against floating-point attacks "
+                          "(on by default for a real site; --no-secure-mode only for "
+                          "experiments)."),
+        click.Option(["--device"], default=site("device"), help="auto, cpu or cuda[:N]."),
+        click.Option(["--runtime-port"], type=click.IntRange(1, 65535),
+                     default=default_of(SiteNode, "runtime_port"),
+                     help="Loopback port of the SuperNode's Runtime API (distinct per node)."),
+        click.Option(["--max-wait-time"], type=click.FloatRange(min=0),
+                     default=default_of(SiteNode, "max_wait_time"),
+                     help="Give up after this many seconds without the coordinator (0: never)."),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_join_options, context_settings=CTX)
 def join(superlink: str, ca_cert: str, node_key: str, runtime_port: int,
          max_wait_time: float, **site) -> None:
     """Join a federation: a SuperNode serving this site's DP training (runs until stopped)."""
@@ -244,7 +312,7 @@ def join(superlink: str, ca_cert: str, node_key: str, runtime_port: int,
                         max_wait_time=max_wait_time)
         preflight(node)  # certificates, keys and state directory, before any process starts
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     raise SystemExit(run_node(node))
 
 

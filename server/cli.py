@@ -1,21 +1,34 @@
-"""``dpfl-server``: what the coordinator runs (public pretraining, base model tools)."""
+"""``dpfl-server``: what the coordinator runs (public pretraining, base model tools).
+
+Options take their defaults and choices from the dataclasses and registries that own them;
+commands whose settings live in torch modules make their options on first use
+(:class:`dpfl.shared.cli.LazyCommand`), so the group and its light commands start fast.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 
+from dpfl.server.experiment import PRESETS as EXPERIMENT_PRESETS
+from dpfl.server.experiment import SETTINGS, Experiment
+from dpfl.shared.cli import CTX, LazyCommand, fail
+from dpfl.shared.defaults import default_of
 from dpfl.shared.errors import DpflError
 
-CTX = {"show_default": True, "help_option_names": ["-h", "--help"]}
+PKI_DIR = "deploy/pki"  # written by 'certs', read by 'serve' and 'run'
 
 
-def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc)) from exc
+def _threads() -> click.Option:
+    return click.Option(["--threads"], type=click.IntRange(min=0), default=0,
+                        help="torch CPU threads (0: torch's default).")
 
 
 @click.group(context_settings=CTX)
@@ -26,26 +39,37 @@ def main(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@main.command(context_settings=CTX)
-@click.option("--data", default="fmnist:public",
-              help="PUBLIC data only: fmnist:public, an image folder, .npz or IDX file.")
-@click.option("--preset", type=click.Choice(["tiny", "fmnist"]), default="fmnist")
-@click.option("--run-dir", type=click.Path(file_okay=False), default="runs/pretrain")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Base model directory to write [default: RUN_DIR/model].")
-@click.option("--ae-steps", type=click.IntRange(min=0), default=3000)
-@click.option("--unet-steps", type=click.IntRange(min=0), default=20000)
-@click.option("--batch-size", type=click.IntRange(min=1), default=128)
-@click.option("--ae-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
-@click.option("--unet-lr", type=click.FloatRange(min=0, min_open=True), default=5e-4)
-@click.option("--kl-weight", type=click.FloatRange(min=0), default=1e-4)
-@click.option("--cond-drop", type=click.FloatRange(0, 1, max_open=True), default=0.1)
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999)
-@click.option("--seed", type=int, default=0)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500)
-@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
-@click.option("--threads", type=click.IntRange(min=0), default=0,
-              help="torch CPU threads (0: torch's default).")
+def _pretrain_options() -> list[click.Parameter]:
+    from dpfl.shared.ldm.models import PRESETS
+    from dpfl.shared.ldm.pretrain import PretrainConfig
+
+    cfg = partial(default_of, PretrainConfig)
+    positive = click.FloatRange(min=0, min_open=True)
+    fraction = click.FloatRange(0, 1, max_open=True)
+    return [
+        click.Option(["--data"], default="fmnist:public",
+                     help="PUBLIC data only: fmnist:public, an image folder, .npz or IDX file."),
+        click.Option(["--preset"], type=click.Choice(list(PRESETS)), default=cfg("preset")),
+        click.Option(["--run-dir"], type=click.Path(file_okay=False), default="runs/pretrain"),
+        click.Option(["--out"], type=click.Path(file_okay=False), default=None,
+                     help="Base model directory to write [default: RUN_DIR/model]."),
+        click.Option(["--ae-steps"], type=click.IntRange(min=0), default=cfg("ae_steps")),
+        click.Option(["--unet-steps"], type=click.IntRange(min=0), default=cfg("unet_steps")),
+        click.Option(["--batch-size"], type=click.IntRange(min=1), default=cfg("batch_size")),
+        click.Option(["--ae-lr"], type=positive, default=cfg("ae_lr")),
+        click.Option(["--unet-lr"], type=positive, default=cfg("unet_lr")),
+        click.Option(["--kl-weight"], type=click.FloatRange(min=0), default=cfg("kl_weight")),
+        click.Option(["--cond-drop"], type=fraction, default=cfg("cond_drop")),
+        click.Option(["--ema-decay"], type=fraction, default=cfg("ema_decay")),
+        click.Option(["--seed"], type=int, default=cfg("seed")),
+        click.Option(["--checkpoint-every"], type=click.IntRange(min=1),
+                     default=cfg("checkpoint_every")),
+        click.Option(["--device"], default=cfg("device"), help="auto, cpu or cuda[:N]."),
+        _threads(),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_pretrain_options, context_settings=CTX)
 def pretrain(data: str, run_dir: str, out: str | None, threads: int, **kw) -> None:
     """Train the base LDM (autoencoder, then UNet) on public data. Resumable."""
     import torch
@@ -64,19 +88,29 @@ def pretrain(data: str, run_dir: str, out: str | None, threads: int, **kw) -> No
         click.echo(f"pretraining on {len(ds)} images from {ds.source}")
         ldm = run_pretrain(cfg, ds, run_dir, out, data_description=data)
     except DpflError as exc:
-        _fail(exc)
-    click.echo(f"base model: {out or Path(run_dir) / 'model'}  fingerprint {ldm.card['fingerprint']}")
+        fail(exc)
+    click.echo(f"base model: {out or Path(run_dir) / 'model'}  "
+               f"fingerprint {ldm.card['fingerprint']}")
     click.echo(f"sample grid: {Path(run_dir) / 'samples.png'}")
 
 
-@main.command(context_settings=CTX)
+def _sample_options() -> list[click.Parameter]:
+    from dpfl.shared.ldm.sampling import class_grid
+
+    grid = partial(default_of, class_grid)
+    return [
+        click.Option(["--out"], type=click.Path(dir_okay=False), default="samples.png"),
+        click.Option(["--per-class"], type=click.IntRange(1, 64), default=grid("per_class")),
+        click.Option(["--steps"], type=click.IntRange(1, 1000), default=grid("steps")),
+        click.Option(["--guidance"], type=click.FloatRange(min=0), default=grid("guidance")),
+        click.Option(["--seed"], type=int, default=grid("seed")),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_sample_options, context_settings=CTX)
 @click.argument("model_dir", type=click.Path())
-@click.option("--out", type=click.Path(dir_okay=False), default="samples.png")
-@click.option("--per-class", type=click.IntRange(1, 64), default=8)
-@click.option("--steps", type=click.IntRange(1, 1000), default=50)
-@click.option("--guidance", type=click.FloatRange(min=0), default=1.0)
-@click.option("--seed", type=int, default=0)
-def sample(model_dir: str, out: str, per_class: int, steps: int, guidance: float, seed: int) -> None:
+def sample(model_dir: str, out: str, per_class: int, steps: int, guidance: float,
+           seed: int) -> None:
     """Sample a class grid PNG from a base model directory."""
     from dpfl.shared.ldm.models import load_ldm
     from dpfl.shared.ldm.sampling import class_grid
@@ -84,7 +118,7 @@ def sample(model_dir: str, out: str, per_class: int, steps: int, guidance: float
     try:
         ldm = load_ldm(model_dir)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     class_grid(ldm, out, per_class=per_class, steps=steps, guidance=guidance, seed=seed,
                title=f"{Path(model_dir).name} ({steps} DDIM steps, guidance {guidance})")
     click.echo(f"wrote {out}")
@@ -99,43 +133,68 @@ def info(model_dir: str) -> None:
     try:
         ldm = load_ldm(model_dir)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(json.dumps({"spec": dataclasses.asdict(ldm.spec), "card": ldm.card,
                            "fingerprint": ldm.fingerprint()}, indent=2, default=str))
 
 
-@main.command(context_settings=CTX)
-@click.option("--model", type=click.Path(file_okay=False), default=None,
-              help="Base model whose samples are evaluated (or give --train-real).")
-@click.option("--adapter", type=click.Path(file_okay=False), default=None,
-              help="peft adapter directory merged into --model (e.g. RUN_DIR/adapter).")
-@click.option("--train-real", default=None, metavar="SOURCE",
-              help="Evaluate this real set instead of samples (the non-private ceiling).")
-@click.option("--train-per-class", type=click.IntRange(min=0), default=0,
-              help="With --train-real: at most this many images of each class, seeded (0: all).")
-@click.option("--per-class", type=click.IntRange(min=1), default=200, help="Samples per class.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=25, help="DDIM steps.")
-@click.option("--guidance", type=click.FloatRange(min=0), default=1.0)
-@click.option("--seed", type=int, default=0)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Sampling batch.")
-@click.option("--test", default="fmnist:test", help="Real test set (also the FD reference).")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Folder for evaluation.json, samples.png and samples.npz.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, help="Downstream CNN epochs.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-              help="Share of the training set held out to pick the epoch (0: last epoch).")
-@click.option("--classifier-dir", type=click.Path(file_okay=False), default=None,
-              help="Domain classifier folder, trained there on --classifier-data if absent "
-                   "[default: MODEL/eval-classifier, or models/fmnist-base/eval-classifier].")
-@click.option("--classifier-data", default="fmnist:public",
-              help="PUBLIC data for the domain classifier.")
-@click.option("--inception", type=click.Path(dir_okay=False), default=None,
-              help="Local inception-2015-12-05.pt for FID [default: $DPFL_INCEPTION; unset: "
-                   "no FID].")
-@click.option("--device", default="cpu", help="auto, cpu or cuda[:N].")
-@click.option("--threads", type=click.IntRange(min=0), default=0,
-              help="torch CPU threads (0: torch's default).")
-@click.option("--progress/--no-progress", default=True)
+def _evaluate_options() -> list[click.Parameter]:
+    from dpfl.shared.eval.evaluate import EvalConfig
+
+    cfg = partial(default_of, EvalConfig)
+    return [
+        click.Option(["--model"], type=click.Path(file_okay=False), default=cfg("model"),
+                     help="Base model whose samples are evaluated (or give --train-real)."),
+        click.Option(["--adapter"], type=click.Path(file_okay=False), default=cfg("adapter"),
+                     help="peft adapter directory merged into --model (e.g. RUN_DIR/adapter)."),
+        click.Option(["--train-real"], default=cfg("train_real"), metavar="SOURCE",
+                     help="Evaluate this real set instead of samples (the non-private ceiling)."),
+        click.Option(["--train-per-class"], type=click.IntRange(min=0),
+                     default=cfg("train_per_class"),
+                     help="With --train-real: at most this many images of each class, seeded "
+                          "(0: all)."),
+        click.Option(["--per-class"], type=click.IntRange(min=1), default=cfg("per_class"),
+                     help="Samples per class."),
+        click.Option(["--steps"], type=click.IntRange(1, 1000), default=cfg("steps"),
+                     help="DDIM steps."),
+        click.Option(["--guidance"], type=click.FloatRange(min=0), default=cfg("guidance")),
+        click.Option(["--seed"], type=int, default=cfg("seed")),
+        click.Option(["--batch-size"], type=click.IntRange(min=1), default=cfg("batch_size"),
+                     help="Sampling batch."),
+        click.Option(["--test"], default=cfg("test"),
+                     help="Real test set (also the FD reference)."),
+        click.Option(["--out"], type=click.Path(file_okay=False), required=True,
+                     help="Folder for evaluation.json, samples.png and samples.npz."),
+        *_downstream_options(cfg),
+        _threads(),
+        click.Option(["--progress/--no-progress"], default=True),
+    ]
+
+
+def _downstream_options(cfg: Callable[[str], Any]) -> list[click.Parameter]:
+    """``evaluate``'s options for the downstream CNN, the domain classifier and FID."""
+    return [
+        click.Option(["--epochs"], type=click.IntRange(min=1), default=cfg("epochs"),
+                     help="Downstream CNN epochs."),
+        click.Option(["--val-fraction"], type=click.FloatRange(0, 1, max_open=True),
+                     default=cfg("val_fraction"),
+                     help="Share of the training set held out to pick the epoch (0: last "
+                          "epoch)."),
+        click.Option(["--classifier-dir"], type=click.Path(file_okay=False),
+                     default=cfg("classifier_dir"),
+                     help="Domain classifier folder, trained there on --classifier-data if "
+                          "absent [default: MODEL/eval-classifier, or "
+                          "models/fmnist-base/eval-classifier]."),
+        click.Option(["--classifier-data"], default=cfg("classifier_data"),
+                     help="PUBLIC data for the domain classifier."),
+        click.Option(["--inception"], type=click.Path(dir_okay=False), default=cfg("inception"),
+                     help="Local inception-2015-12-05.pt for FID [default: $DPFL_INCEPTION; "
+                          "unset: no FID]."),
+        click.Option(["--device"], default=cfg("device"), help="auto, cpu or cuda[:N]."),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_evaluate_options, context_settings=CTX)
 def evaluate(out: str, threads: int, progress: bool, **kw) -> None:
     """Utility of samples (or of a real set): downstream CNN accuracy on the real test set,
     domain Fréchet distance, precision/recall, and FID with a local Inception file."""
@@ -149,37 +208,51 @@ def evaluate(out: str, threads: int, progress: bool, **kw) -> None:
     try:
         record = run_evaluate(EvalConfig(**kw), out, progress=progress)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(summary_table(record))
     click.echo(f"wrote {Path(out) / 'evaluation.json'}"
                + (f" and {record['grid']}" if record["grid"] else ""))
 
 
-@main.command(context_settings=CTX)
+def _export_options() -> list[click.Parameter]:
+    from dpfl.shared.export.onnx_bundle import ExportConfig
+
+    cfg = partial(default_of, ExportConfig)
+    return [
+        click.Option(["--adapter"], type=click.Path(file_okay=False), default=None,
+                     help="peft adapter directory to merge (from 'dpfl-client train'); none: "
+                          "base only."),
+        click.Option(["--out"], type=click.Path(file_okay=False), required=True,
+                     help="Bundle directory to write (must not exist unless --overwrite)."),
+        click.Option(["--privacy"], type=click.Path(dir_okay=False), default=None,
+                     help="JSON with the adapter's epsilon/delta/accountant (e.g. the accountant "
+                          "state)."),
+        click.Option(["--epsilon"], type=click.FloatRange(min=0), default=None,
+                     help="Stated epsilon, when there is no --privacy file."),
+        click.Option(["--delta"], type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Stated delta, with --epsilon."),
+        click.Option(["--fp16"], is_flag=True, help="Also write a float16 variant."),
+        click.Option(["--int8"], is_flag=True,
+                     help="Also write an int8 (dynamic quantization) variant."),
+        click.Option(["--tolerance"], type=click.FloatRange(min=0, min_open=True),
+                     default=cfg("tolerance"),
+                     help="Max |ONNX - torch| allowed for the fp32 UNet and decoder outputs."),
+        click.Option(["--image-tolerance"], type=click.FloatRange(min=0, min_open=True),
+                     default=cfg("image_tolerance"),
+                     help="Max |ONNX - torch| allowed for images sampled end to end (fp32)."),
+        click.Option(["--overwrite"], is_flag=True, help="Replace an existing bundle at --out."),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_export_options, context_settings=CTX)
 @click.argument("model_dir", type=click.Path())
-@click.option("--adapter", type=click.Path(file_okay=False), default=None,
-              help="peft adapter directory to merge (from 'dpfl-client train'); none: base only.")
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Bundle directory to write (must not exist unless --overwrite).")
-@click.option("--privacy", type=click.Path(dir_okay=False), default=None,
-              help="JSON with the adapter's epsilon/delta/accountant (e.g. the accountant state).")
-@click.option("--epsilon", type=click.FloatRange(min=0), default=None,
-              help="Stated epsilon, when there is no --privacy file.")
-@click.option("--delta", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Stated delta, with --epsilon.")
-@click.option("--fp16", is_flag=True, help="Also write a float16 variant.")
-@click.option("--int8", is_flag=True, help="Also write an int8 (dynamic quantization) variant.")
-@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              help="Max |ONNX - torch| allowed for the fp32 UNet and decoder outputs.")
-@click.option("--image-tolerance", type=click.FloatRange(min=0, min_open=True), default=1e-2,
-              help="Max |ONNX - torch| allowed for images sampled end to end (fp32).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 def export(model_dir: str, adapter: str | None, out: str, privacy: str | None,
            epsilon: float | None, delta: float | None, fp16: bool, int8: bool, tolerance: float,
            image_tolerance: float, overwrite: bool) -> None:
     """Merge an adapter into the base model and write an ONNX bundle for dpfl-sample."""
-    from dpfl.shared.export.onnx_bundle import ExportConfig, PrivacyGuarantee, export_bundle
+    from dpfl.shared.export.onnx_bundle import ExportConfig, export_bundle
     from dpfl.shared.ldm.models import load_ldm
+    from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
     try:
         if privacy and (epsilon is not None or delta is not None):
@@ -191,7 +264,7 @@ def export(model_dir: str, adapter: str | None, out: str, privacy: str | None,
         path = export_bundle(load_ldm(model_dir), out, adapter_dir=adapter, privacy=guarantee,
                              config=cfg, overwrite=overwrite)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     meta = json.loads((Path(path) / "bundle.json").read_text())
     for name, v in meta["variants"].items():
         click.echo(f"{name}: unet max|diff| {v['parity']['unet']['max_abs_diff']:.2e}, decoder "
@@ -202,23 +275,41 @@ def export(model_dir: str, adapter: str | None, out: str, privacy: str | None,
     click.echo(f"wrote bundle {path}; sample it with: dpfl-sample {path} --out samples")
 
 
-@main.command(context_settings=CTX)
-@click.option("--base-model", type=click.Path(), default="models/fmnist-base")
-@click.option("--data", default="fmnist:private", help="PRIVATE data to split among the sites.")
-@click.option("--sites", "num_sites", type=click.IntRange(min=1), default=3)
-@click.option("--scheme", type=click.Choice(["iid", "class", "dirichlet"]), default="dirichlet")
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=0.5)
-@click.option("--max-examples", type=click.IntRange(min=0), default=0,
-              help="Use at most this many private images in total (0: all).")
-@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=10.0,
-              help="Each site's own epsilon budget.")
-@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-5)
-@click.option("--cpus-per-site", type=click.FloatRange(min=0, min_open=True), default=1.0)
-@click.option("--gpus-per-site", type=click.FloatRange(min=0), default=0.0,
-              help="Fractional GPUs per virtual site (e.g. 0.25: four sites per GPU).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default="runs/federated")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Any run-config key, kebab-case, e.g. --set num-rounds=5 --set ffa=true.")
+def _simulate_options() -> list[click.Parameter]:
+    from dpfl.server.simulate import SimulationSetup
+    from dpfl.shared.data.partition import SCHEMES
+    from dpfl.shared.federation.config import FedConfig
+
+    setup = partial(default_of, SimulationSetup)
+    positive = click.FloatRange(min=0, min_open=True)
+    return [
+        click.Option(["--base-model"], type=click.Path(),
+                     default=default_of(FedConfig, "base_model")),
+        click.Option(["--data"], default=setup("data"),
+                     help="PRIVATE data to split among the sites."),
+        click.Option(["--sites", "num_sites"], type=click.IntRange(min=1),
+                     default=setup("num_sites")),
+        click.Option(["--scheme"], type=click.Choice(SCHEMES), default=setup("scheme")),
+        click.Option(["--alpha"], type=positive, default=setup("alpha")),
+        click.Option(["--max-examples"], type=click.IntRange(min=0), default=setup("max_examples"),
+                     help="Use at most this many private images in total (0: all)."),
+        click.Option(["--epsilon-budget"], type=positive, default=setup("epsilon_budget"),
+                     help="Each site's own epsilon budget."),
+        click.Option(["--delta"], type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=setup("delta")),
+        click.Option(["--cpus-per-site"], type=positive, default=setup("cpus_per_site")),
+        click.Option(["--gpus-per-site"], type=click.FloatRange(min=0),
+                     default=setup("gpus_per_site"),
+                     help="Fractional GPUs per virtual site (e.g. 0.25: four sites per GPU)."),
+        click.Option(["--run-dir"], type=click.Path(file_okay=False),
+                     default=default_of(FedConfig, "run_dir")),
+        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
+                     help="Any run-config key, kebab-case, e.g. --set num-rounds=5 --set "
+                          "ffa=true."),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_simulate_options, context_settings=CTX)
 def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: float,
              max_examples: int, epsilon_budget: float, delta: float, cpus_per_site: float,
              gpus_per_site: float, run_dir: str, overrides: tuple[str, ...]) -> None:
@@ -241,7 +332,7 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
         run_simulation(cfg, setup)
         ledger = PrivacyLedger.load_or_create(Path(run_dir) / "ledger.json")
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(ledger.table())
     click.echo(f"run directory: {run_dir} (ledger.json, metrics.jsonl, samples_round_*.png, "
                "adapter/, report/report.html)")
@@ -268,12 +359,12 @@ def report(run_dir: str, sites: tuple[str, ...]) -> None:
                 click.echo(f"site state found for {', '.join(site_dirs)} (simulation layout)")
         path = write_report(run_dir, site_dirs or None)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(f"wrote {path} (self-contained) and {path.with_name('report.md')}")
 
 
 @main.command(context_settings=CTX)
-@click.option("--out", type=click.Path(file_okay=False), default="deploy/pki",
+@click.option("--out", type=click.Path(file_okay=False), default=PKI_DIR,
               help="Directory for ca.crt/key, server.crt/key and sites/<id>/node.key|pub.")
 @click.option("--site", "sites", multiple=True, metavar="SITE_ID",
               help="Create a node-authentication key pair for this site (repeatable).")
@@ -288,7 +379,7 @@ def certs(out: str, sites: tuple[str, ...], hosts: tuple[str, ...], overwrite: b
     try:
         layout = make_pki(out, list(sites), list(hosts) or None, overwrite=overwrite)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(f"coordinator keeps: {layout.server_cert}, {layout.server_key}, "
                f"{layout.root / 'sites'}/*/node.pub; move {layout.ca_key} offline")
     for site in sites:
@@ -302,24 +393,31 @@ def _coordinator(pki: str, state_dir: str, host: str, port: int, address: str):
                        address=address)
 
 
-_PKI = click.option("--pki", type=click.Path(file_okay=False), default="deploy/pki",
-                    help="Directory written by 'dpfl-server certs'.")
-_STATE = click.option("--state-dir", type=click.Path(file_okay=False),
-                      default="runs/coordinator",
-                      help="Coordinator state: SuperLink database, FLWR_HOME, logs.")
-_HOST = click.option("--host", default="127.0.0.1",
+def _state_options() -> list[click.Parameter]:
+    """The coordinator's PKI and state directory (``serve`` and ``run``)."""
+    return [click.Option(["--pki"], type=click.Path(file_okay=False), default=PKI_DIR,
+                         help="Directory written by 'dpfl-server certs'."),
+            click.Option(["--state-dir"], type=click.Path(file_okay=False),
+                         default="runs/coordinator",
+                         help="Coordinator state: SuperLink database, FLWR_HOME, logs.")]
+
+
+def _serve_options() -> list[click.Parameter]:
+    from dpfl.server.deploy import Coordinator
+
+    return [
+        *_state_options(),
+        click.Option(["--host"], default=default_of(Coordinator, "host"),
                      help="Interface of the SuperLink's HTTPS API (loopback unless sites are "
-                          "remote).")
-_PORT = click.option("--port", type=click.IntRange(1, 65535), default=9093)
+                          "remote)."),
+        click.Option(["--port"], type=click.IntRange(1, 65535),
+                     default=default_of(Coordinator, "port")),
+        click.Option(["--site-key", "site_keys"], multiple=True, metavar="SITE=PUBKEY",
+                     help="List a site's public key [default: every PKI/sites/<id>/node.pub]."),
+    ]
 
 
-@main.command(context_settings=CTX)
-@_PKI
-@_STATE
-@_HOST
-@_PORT
-@click.option("--site-key", "site_keys", multiple=True, metavar="SITE=PUBKEY",
-              help="List a site's public key [default: every PKI/sites/<id>/node.pub].")
+@main.command(cls=LazyCommand, options=_serve_options, context_settings=CTX)
 def serve(pki: str, state_dir: str, host: str, port: int, site_keys: tuple[str, ...]) -> None:
     """Start the coordinator's SuperLink (TLS, only listed sites may join); runs until stopped."""
     from dpfl.server.pki import PkiLayout
@@ -337,21 +435,31 @@ def serve(pki: str, state_dir: str, host: str, port: int, site_keys: tuple[str, 
 
         code = run_serve(coord, keys)
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     raise SystemExit(code)
 
 
-@main.command(name="run", context_settings=CTX)
-@_PKI
-@_STATE
-@click.option("--superlink", "address", default="127.0.0.1:9093", help="SuperLink host:port.")
-@click.option("--app", "app", type=click.Path(file_okay=False), default=None,
-              help="dpfl source directory holding pyproject.toml [default: this checkout].")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Run-config key, kebab-case, e.g. --set num-rounds=5 --set run-dir=/abs.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=24 * 3600.0,
-              help="Seconds to wait for the run to finish.")
-@click.option("--wait/--no-wait", default=True, help="Wait for the run and print the ledger.")
+def _run_options() -> list[click.Parameter]:
+    from dpfl.server.deploy import Coordinator
+
+    address = f"{default_of(Coordinator, 'host')}:{default_of(Coordinator, 'port')}"
+    return [
+        *_state_options(),
+        click.Option(["--superlink", "address"], default=address, help="SuperLink host:port."),
+        click.Option(["--app", "app"], type=click.Path(file_okay=False), default=None,
+                     help="dpfl source directory holding pyproject.toml [default: this "
+                          "checkout]."),
+        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
+                     help="Run-config key, kebab-case, e.g. --set num-rounds=5 --set "
+                          "run-dir=/abs."),
+        click.Option(["--timeout"], type=click.FloatRange(min=1), default=24 * 3600.0,
+                     help="Seconds to wait for the run to finish."),
+        click.Option(["--wait/--no-wait"], default=True,
+                     help="Wait for the run and print the ledger."),
+    ]
+
+
+@main.command(name="run", cls=LazyCommand, options=_run_options, context_settings=CTX)
 def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
             overrides: tuple[str, ...], timeout: float, wait: bool) -> None:
     """Submit the federated DP fine-tuning run to a running coordinator SuperLink."""
@@ -369,7 +477,8 @@ def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
             if key in values:
                 values[key] = str(Path(str(values[key])).resolve())
         host, _, port = address.rpartition(":")
-        coord = _coordinator(pki, state_dir, host or "127.0.0.1", int(port), address)
+        host = host or default_of(deploy.Coordinator, "host")
+        coord = _coordinator(pki, state_dir, host, int(port), address)
         coord.write_connection()
         app_path = deploy.app_dir(app, coord.state_dir / "app")
         run_id = deploy.submit_run(coord, app_path, values)
@@ -378,7 +487,7 @@ def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
             return
         status = deploy.wait_run(coord, run_id, timeout)
     except (DpflError, ValueError) as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(f"run {run_id}: {status}")
     ledger_path = Path(str(values.get("run-dir", cfg.run_dir))) / "ledger.json"
     if ledger_path.exists():
@@ -387,27 +496,28 @@ def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
         raise SystemExit(1)
 
 
-
 @main.command(context_settings=CTX)
-@click.option("--setting", type=click.Choice(["federated", "central", "scratch", "floor",
-                                              "ceiling"]), required=True,
+@click.option("--setting", type=click.Choice(SETTINGS), required=True,
               help="federated: 3 non-IID hospitals, DP-LoRA; central: one silo, DP-LoRA; "
                    "scratch: whole UNet under DP from random init; floor: the public base model "
                    "unchanged; ceiling: the CNN on real private images (no privacy).")
-@click.option("--epsilon", type=click.FloatRange(min=0, min_open=True), default=10.0,
+@click.option("--epsilon", type=click.FloatRange(min=0, min_open=True),
+              default=default_of(Experiment, "epsilon"),
               help="Target epsilon of the private settings (each site's, for federated).")
 @click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              default=1e-5)
-@click.option("--preset", type=click.Choice(["tiny", "cpu", "fulldata", "full"]), default="cpu",
+              default=default_of(Experiment, "delta"))
+@click.option("--preset", type=click.Choice(list(EXPERIMENT_PRESETS)),
+              default=default_of(Experiment, "preset"),
               help="tiny: a test-sized check; cpu: minutes on 2 cores; fulldata: all private "
                    "data and 60,000 synthetic images, about 1.5 h per federated row on 2 "
                    "cores; full: paper size (GPU).")
-@click.option("--base-model", type=click.Path(), default="models/fmnist-base")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/experiments",
+@click.option("--base-model", type=click.Path(), default=default_of(Experiment, "base_model"))
+@click.option("--out", type=click.Path(file_okay=False), default=default_of(Experiment, "out"),
               help="Parent folder: one run directory per row, results.jsonl and results.md.")
-@click.option("--seed", type=int, default=0)
-@click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
-@click.option("--classifier-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--seed", type=int, default=default_of(Experiment, "seed"))
+@click.option("--device", default=default_of(Experiment, "device"), help="auto, cpu or cuda[:N].")
+@click.option("--classifier-dir", type=click.Path(file_okay=False),
+              default=default_of(Experiment, "classifier_dir"),
               help="Domain classifier folder [default: BASE_MODEL/eval-classifier].")
 @click.option("--threads", type=click.IntRange(min=0), default=0,
               help="torch CPU threads (0: torch's default).")
@@ -418,7 +528,7 @@ def experiment(threads: int, **kw) -> None:
     to OUT/results.jsonl and OUT/results.md."""
     import torch
 
-    from dpfl.server.experiment import Experiment, command_line, run_experiment
+    from dpfl.server.experiment import command_line, run_experiment
 
     if threads:
         torch.set_num_threads(threads)
@@ -426,7 +536,7 @@ def experiment(threads: int, **kw) -> None:
         exp = Experiment(**kw)
         row = run_experiment(exp, command_line())
     except DpflError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(f"{row['setting']} ({row['preset']}): epsilon={row['epsilon']:.3f} "
                f"delta={row['delta']:g}  accuracy={row['accuracy']:.4f}  "
                f"domain FD={row['domain_fd']:.3f}  {row['total_seconds'] / 60:.1f} min")

@@ -43,7 +43,8 @@ from dpfl.shared.rundir import RunDir
 log = logging.getLogger(__name__)
 
 CLASSIFIER = "eval-classifier"  # one public-data classifier per base model: comparable FDs
-SETTINGS = ("federated", "central", "scratch", "floor", "ceiling")
+PRIVATE_SETTINGS = ("federated", "central", "scratch")  # these train on the private data
+SETTINGS = (*PRIVATE_SETTINGS, "floor", "ceiling")
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class Experiment:
             raise ConfigError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        if self.setting in ("federated", "central", "scratch") and not self.epsilon > 0:
+        if self.private and not self.epsilon > 0:
             raise ConfigError(f"epsilon must be > 0, got {self.epsilon}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
@@ -125,7 +126,7 @@ class Experiment:
 
     @property
     def private(self) -> bool:
-        return self.setting in ("federated", "central", "scratch")
+        return self.setting in PRIVATE_SETTINGS
 
     @property
     def name(self) -> str:

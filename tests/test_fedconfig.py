@@ -1,7 +1,7 @@
 import pytest
 
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.federation.config import FedConfig, RoundPlan, SiteConfig
+from dpfl.shared.federation.config import ACCOUNTANTS, FedConfig, RoundPlan, SiteConfig
 
 
 def test_run_config_kebab_case_and_plan_round_trip():
@@ -38,6 +38,17 @@ def test_site_config_requires_data_and_sane_budget():
         SiteConfig.from_node_config({"data": "d", "delta": 1.0})
     s = SiteConfig.from_node_config({"data": "d", "epsilon-budget": "3", "partition-id": 0})
     assert s.epsilon_budget == 3.0
+
+
+def test_site_accountants_are_the_ones_the_accountant_implements():
+    """The torch-free list a site is checked against names exactly the accountant registry."""
+    from dpfl.shared.privacy.accountant import KINDS
+
+    assert ACCOUNTANTS == tuple(KINDS)
+    for kind in ACCOUNTANTS:
+        assert SiteConfig.from_node_config({"data": "d", "accountant": kind}).accountant == kind
+    with pytest.raises(ConfigError, match=r"accountant must be one of \['rdp', 'prv'\], got 'gdp'"):
+        SiteConfig.from_node_config({"data": "d", "accountant": "gdp"})
 
 
 def test_flower_app_config_lists_every_key_with_the_dataclass_default():

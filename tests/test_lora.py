@@ -104,7 +104,8 @@ def test_load_state_validates(tiny_ldm):
     }
     for what, state in cases.items():
         before = adapter_state(target)
-        with pytest.raises(IncompatibleAdapter, match=what.split("-")[0] if what != "shape" else "shape"):
+        match = what.split("-")[0] if what != "shape" else "shape"
+        with pytest.raises(IncompatibleAdapter, match=match):
             load_adapter_state(target, state)
         after = adapter_state(target)
         assert all(torch.equal(before[k], after[k]) for k in before), what

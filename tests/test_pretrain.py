@@ -27,7 +27,8 @@ def test_tiny_pretraining_lowers_loss_and_writes_run_dir(tmp_path):
     cfg = PretrainConfig(preset="tiny", ae_steps=60, unet_steps=120, batch_size=32, log_every=10,
                          checkpoint_every=50, ema_decay=0.0, device="cpu")
     ldm = pretrain(cfg, _toy_data(), tmp_path / "run")
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in lines]
     ae = [m["rec_l1"] for m in metrics if m.get("stage") == "ae"]
     un = [m["loss"] for m in metrics if m.get("stage") == "unet"]
     assert ae[-1] < ae[0] * 0.8

@@ -10,6 +10,9 @@ import numpy as np
 
 from dpfl.shared.errors import ConfigError
 
+#: partition schemes by name (:func:`partition` dispatches on them)
+SCHEMES = ("iid", "class", "dirichlet")
+
 
 def _check(labels: np.ndarray, num_clients: int) -> None:
     if num_clients < 1:
@@ -77,11 +80,11 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed
 
 def partition(labels: np.ndarray, num_clients: int, scheme: str, seed: int = 0,
               alpha: float = 0.5) -> list[np.ndarray]:
-    """Dispatch by name: ``iid``, ``class`` or ``dirichlet``."""
+    """Dispatch by name, one of :data:`SCHEMES`: ``iid``, ``class`` or ``dirichlet``."""
     if scheme == "iid":
         return partition_iid(labels, num_clients, seed)
     if scheme == "class":
         return partition_by_class(labels, num_clients, seed)
     if scheme == "dirichlet":
         return partition_dirichlet(labels, num_clients, alpha, seed)
-    raise ConfigError(f"unknown partition scheme {scheme!r}; use 'iid', 'class' or 'dirichlet'")
+    raise ConfigError(f"unknown partition scheme {scheme!r}; use one of {list(SCHEMES)}")

@@ -13,11 +13,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpfl.shared.defaults import default_of
 from dpfl.shared.edge.grid import save_grid, to_uint8
 from dpfl.shared.edge.sampler import SOLVERS, EdgeBundle, SamplerConfig, sample_images
 from dpfl.shared.errors import ConfigError, DpflError
@@ -89,18 +91,23 @@ def write_outputs(images: np.ndarray, labels: np.ndarray, bundle: EdgeBundle, ou
 
 
 def build_parser() -> argparse.ArgumentParser:
+    cfg = partial(default_of, SamplerConfig)
     ap = argparse.ArgumentParser(prog="dpfl-sample", description=__doc__.split("\n")[0])
     ap.add_argument("bundle", help="bundle directory written by 'dpfl-server export'")
-    ap.add_argument("--out", default="samples", help="output directory [samples]")
-    ap.add_argument("--variant", default="fp32", help="fp32, fp16 or int8 [fp32]")
+    ap.add_argument("--out", default="samples", help="output directory [%(default)s]")
+    ap.add_argument("--variant", default=default_of(EdgeBundle.load, "variant"),
+                    help="fp32, fp16 or int8 [%(default)s]")
     ap.add_argument("--classes", default=None, help="comma list of indices or names [all]")
-    ap.add_argument("--count", type=int, default=8, help="images per class [8]")
-    ap.add_argument("--steps", type=int, default=50, help="solver steps [50]")
-    ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale [1.0]")
-    ap.add_argument("--solver", choices=SOLVERS, default="ddim", help="[ddim]")
-    ap.add_argument("--seed", type=int, default=0, help="noise seed [0]")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per batch [64]")
-    ap.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: auto)")
+    ap.add_argument("--count", type=int, default=8, help="images per class [%(default)s]")
+    ap.add_argument("--steps", type=int, default=cfg("steps"), help="solver steps [%(default)s]")
+    ap.add_argument("--guidance", type=float, default=cfg("guidance"),
+                    help="CFG scale [%(default)s]")
+    ap.add_argument("--solver", choices=SOLVERS, default=cfg("solver"), help="[%(default)s]")
+    ap.add_argument("--seed", type=int, default=cfg("seed"), help="noise seed [%(default)s]")
+    ap.add_argument("--batch-size", type=int, default=cfg("batch_size"),
+                    help="images per batch [%(default)s]")
+    ap.add_argument("--threads", type=int, default=default_of(EdgeBundle.load, "threads"),
+                    help="onnxruntime threads (0: auto)")
     ap.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     ap.add_argument("--pngs", action="store_true", help="also write one PNG per image")
     return ap

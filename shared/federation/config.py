@@ -16,6 +16,13 @@ from typing import Any
 
 from dpfl.shared.errors import ConfigError
 
+#: privacy accountants a site may choose (Opacus'; ``dpfl.shared.privacy.accountant.KINDS``
+#: maps each to its class). Listed here, torch-free, because a federation never imports
+#: Opacus; ``tests/test_fedconfig.py`` checks both name the same accountants.
+ACCOUNTANTS = ("rdp", "prv")
+#: keys Flower adds to a run or node config that are not dpfl settings
+_FLOWER_KEYS = ("partition-id", "num-partitions", "server-round")
+
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -26,7 +33,7 @@ def _from_mapping(cls, values: Mapping[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     known = {_kebab(n) for n in fields}
-    unknown = sorted(k for k in values if k not in known and k not in ("partition-id", "num-partitions", "server-round"))
+    unknown = sorted(k for k in values if k not in known and k not in _FLOWER_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
     for name, f in fields.items():
@@ -35,6 +42,7 @@ def _from_mapping(cls, values: Mapping[str, Any], where: str):
             continue
         raw = values[key]
         typ = type(f.default) if f.default is not dataclasses.MISSING else str
+        val: Any
         try:
             if typ is bool:
                 val = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
@@ -229,7 +237,8 @@ class SiteConfig:
         state_dir: where the accountant, cached latents and adapters live; must persist.
         epsilon_budget: the most epsilon this site will ever spend (> 0).
         delta: the site's delta (0 < delta < 1/n, checked against its data size).
-        accountant: ``rdp`` or ``prv``.
+        accountant: one of :data:`ACCOUNTANTS` (``rdp``, Mironov 2017; ``prv``, Gopi et
+            al. 2021).
         max_physical_batch: memory cap per forward pass (logical batches are split).
         secure_mode: Opacus secure RNG for the noise (on for real deployments).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
@@ -247,14 +256,16 @@ class SiteConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        where = f"site {self.site_id}"
         if not self.data:
-            raise ConfigError(f"site {self.site_id}: node config 'data' (path to images) is required")
+            raise ConfigError(f"{where}: node config 'data' (path to images) is required")
         if not self.epsilon_budget > 0:
-            raise ConfigError(f"site {self.site_id}: epsilon-budget must be > 0, got {self.epsilon_budget}")
+            raise ConfigError(f"{where}: epsilon-budget must be > 0, got {self.epsilon_budget}")
         if not 0 < self.delta < 1:
-            raise ConfigError(f"site {self.site_id}: delta must be in (0, 1), got {self.delta}")
-        if self.accountant not in ("rdp", "prv"):
-            raise ConfigError(f"site {self.site_id}: accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+            raise ConfigError(f"{where}: delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"{where}: accountant must be one of {list(ACCOUNTANTS)}, got "
+                              f"{self.accountant!r}")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteConfig:

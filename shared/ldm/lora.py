@@ -54,6 +54,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "attention+conv": _ATTENTION + _CONV,
 }
 CLASS_EMBEDDING = "class_embedding"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def wrap_unet(unet: torch.nn.Module, spec: LoraSpec, copy_base: bool = True) -> 
 
 
 def spec_for_plan(plan) -> LoraSpec:
-    """The LoRA layout a federated round plan (:class:`dpfl.shared.federation.config.RoundPlan`) asks for."""
+    """The LoRA layout a federated round plan
+    (:class:`dpfl.shared.federation.config.RoundPlan`) asks for."""
     return LoraSpec(preset=plan.lora_preset, rank=plan.lora_rank, alpha=plan.lora_alpha,
                     dropout=plan.lora_dropout, train_class_embedding=plan.train_class_embedding,
                     freeze_a=plan.ffa)
@@ -242,9 +244,7 @@ def _check_adapter_keys(model: PeftModel, path: Path) -> None:
     leaves that layer at its random initialisation): refuse both, naming them."""
     from safetensors import safe_open
 
-    weights = path / "adapter_model.safetensors"
-    if not weights.exists():
-        return  # a .bin adapter: peft has loaded it, keys cannot be listed without unpickling
+    weights = path / ADAPTER_WEIGHTS  # load_adapter refused a directory without it
     with safe_open(str(weights), framework="pt") as f:
         stored = set(f.keys())
     expected = set(get_peft_model_state_dict(model))
@@ -257,12 +257,14 @@ def _check_adapter_keys(model: PeftModel, path: Path) -> None:
 
 
 def load_adapter(unet: torch.nn.Module, path: str | Path, trainable: bool = False) -> PeftModel:
-    """Read an adapter directory onto (a deep copy of) ``unet`` with ``PeftModel.from_pretrained``."""
+    """Read an adapter directory onto (a deep copy of) ``unet`` with
+    ``PeftModel.from_pretrained``."""
     path = Path(path)
     if not (path / "adapter_config.json").exists():
-        raise IncompatibleAdapter(f"{path} is not a peft adapter directory (no adapter_config.json)")
-    if not (path / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle
-        raise IncompatibleAdapter(f"{path} holds no adapter_model.safetensors; dpfl reads only "
+        raise IncompatibleAdapter(f"{path} is not a peft adapter directory (no "
+                                  "adapter_config.json)")
+    if not (path / ADAPTER_WEIGHTS).is_file():  # peft would fall back to a pickle
+        raise IncompatibleAdapter(f"{path} holds no {ADAPTER_WEIGHTS}; dpfl reads only "
                                   "safetensors adapters, never pickled .bin files")
     base = copy.deepcopy(unet).requires_grad_(False)
     try:

@@ -226,12 +226,14 @@ def fingerprint_modules(modules: dict[str, torch.nn.Module], extra: Any = None) 
     return "sha256:" + h.hexdigest()
 
 
-def build_ldm(preset: str, seed: int = 0, class_names: tuple[str, ...] | None = None) -> LatentDiffusion:
+def build_ldm(preset: str, seed: int = 0,
+              class_names: tuple[str, ...] | None = None) -> LatentDiffusion:
     """A freshly initialised LDM of the named preset (see :data:`PRESETS`)."""
     if preset not in PRESETS:
         raise ModelError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
-    spec = p.spec if class_names is None else dataclasses.replace(p.spec, class_names=tuple(class_names))
+    spec = (p.spec if class_names is None
+            else dataclasses.replace(p.spec, class_names=tuple(class_names)))
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=spec.channels, out_channels=spec.channels,
                         sample_size=spec.image_size, **p.vae)

@@ -104,6 +104,18 @@ class _Checkpoint:
         atomic_write_bytes(self.path, buf.getvalue())
 
 
+def _resume(state: dict[str, Any], stage: str, opt: torch.optim.Optimizer, sched: Any,
+            gen: torch.Generator) -> int:
+    """Restore a checkpoint of ``stage`` into the optimiser, schedule and generator; returns
+    the step to continue from (0: the checkpoint is of another stage, or there is none)."""
+    if state.get("stage") != stage:
+        return 0
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    return state["step"]
+
+
 def _batches(n: int, batch_size: int, gen: torch.Generator):
     while True:
         yield torch.randint(0, n, (batch_size,), generator=gen)
@@ -116,10 +128,7 @@ def _train_autoencoder(ldm: LatentDiffusion, x: torch.Tensor, cfg: PretrainConfi
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.ae_lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, 100, max(cfg.ae_steps, 1))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    start = 0
-    if state.get("stage") == "ae":
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"]); start = state["step"]
+    start = _resume(state, "ae", opt, sched, gen)
     batches = _batches(len(x), cfg.batch_size, gen)
     bar = tqdm(range(start, cfg.ae_steps), desc="autoencoder", initial=start, total=cfg.ae_steps)
     t0 = time.time()
@@ -132,7 +141,8 @@ def _train_autoencoder(ldm: LatentDiffusion, x: torch.Tensor, cfg: PretrainConfi
         loss = rec_loss + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.ae_steps:
             bar.set_postfix(rec=f"{rec_loss.item():.4f}", kl=f"{kl.item():.2f}")
             rd.log(stage="ae", step=step + 1, rec_l1=rec_loss.item(), kl=kl.item(),
@@ -163,12 +173,9 @@ def _train_unet(ldm: LatentDiffusion, z: torch.Tensor, y: torch.Tensor, cfg: Pre
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True) \
         if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    start = 0
-    if state.get("stage") == "unet":
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"]); start = state["step"]
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+    start = _resume(state, "unet", opt, sched, gen)
+    if state.get("stage") == "unet" and ema is not None:
+        ema.load_state_dict(state["ema"])
     batches = _batches(len(z), cfg.batch_size, gen)
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
     t0, running = time.time(), None
@@ -180,7 +187,8 @@ def _train_unet(ldm: LatentDiffusion, z: torch.Tensor, y: torch.Tensor, cfg: Pre
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         if ema is not None:
             ema.step(unet.parameters())
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
@@ -253,7 +261,8 @@ def pretrain(cfg: PretrainConfig, data: ImageSet, run_dir: str | Path,
         "data": data_description or data.source, "examples": len(data),
         "classes_seen": sorted({int(c) for c in data.labels}),
         "seed": cfg.seed, "ae_steps": cfg.ae_steps, "unet_steps": cfg.unet_steps,
-        "metrics": {"ae_rec_l1": last_ae[0].get("rec_l1"), "unet_loss_ema": last[0].get("loss_ema")},
+        "metrics": {"ae_rec_l1": last_ae[0].get("rec_l1"),
+                    "unet_loss_ema": last[0].get("loss_ema")},
         "training_config": dataclasses.asdict(cfg)})
     class_grid(ldm, rd / "samples.png", per_class=8, seed=cfg.seed,
                title=f"{cfg.preset} base model, {cfg.unet_steps} UNet steps")

@@ -1,0 +1,32 @@
+"""Every default once: command-line options read the default of the dataclass field (or
+function parameter) that the option sets, instead of repeating its value.
+
+Standard library only: the torch-free ``dpfl-sample`` reads its defaults here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+
+def default_of(owner: type | Callable[..., Any], name: str) -> Any:
+    """The default of field ``name`` of dataclass ``owner``, or of parameter ``name`` of
+    function ``owner``; a ``TypeError`` names a field or parameter without one (a typo)."""
+    if dataclasses.is_dataclass(owner):
+        field = {f.name: f for f in dataclasses.fields(owner)}.get(name)
+        if field is not None and field.default is not dataclasses.MISSING:
+            return field.default
+    else:
+        param = inspect.signature(owner).parameters.get(name)
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    raise TypeError(f"{getattr(owner, '__qualname__', owner)} has no default for {name!r}")
+
+
+def defaults_of(cls: type) -> dict[str, Any]:
+    """Field name -> default of every field of dataclass ``cls`` that has one."""
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
