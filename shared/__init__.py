@@ -13,7 +13,9 @@
 - ``export``: ONNX export of a base model plus adapter (torch).
 - ``edge``: the torch-free on-device sampler, its CLI and image grids.
 - ``deploy``: TLS certificate checks and flwr process helpers for real deployments.
-- ``errors``, ``io``, ``rundir``: exceptions, durable writes, run directories.
+- ``errors``, ``io``, ``rundir``: exceptions, durable writes, run directories;
+  ``defaults`` (a config field's default, standard library only) and ``cli`` (what the three
+  command lines share: lazily built click commands, one error exit).
 
 Nothing in ``dpfl.shared`` imports ``flwr`` (``tests/test_architecture.py`` enforces the
 import rules each sub-package states).
