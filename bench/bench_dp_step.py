@@ -22,9 +22,9 @@ from opacus.optimizers import DPOptimizer
 
 from dpfl.shared.ldm.diffusion import expand_draws, row_losses
 from dpfl.shared.ldm.lora import LoraSpec, trainable_count, wrap_unet
-from dpfl.shared.ldm.models import build_ldm, load_ldm
-from dpfl.shared.privacy.dpsgd import physical_step, resolve_device
+from dpfl.shared.ldm.models import build_ldm, load_ldm, resolve_device
 from dpfl.shared.privacy.full import full_unet
+from dpfl.shared.privacy.multiplicity import physical_step
 
 
 def _sync(dev: torch.device) -> None:

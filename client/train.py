@@ -8,9 +8,11 @@ private silo. Writes a run directory::
     metrics.jsonl      one line per DP step (loss) and per epoch (epsilon), and a final line
     samples_before.png class grid of the base model
     samples_after.png  class grid with the adapter
-    adapter/           peft adapter directory (adapter_config.json + safetensors)
+    adapter/           peft adapter directory (adapter_config.json + safetensors) and
+                       privacy.json, the guarantee it carries (dpfl.shared.privacy.guarantee)
     accountant.json    the client's privacy ledger (committed before training starts)
-    report/            report.html (self-contained) and report.md with plots (dpfl.shared.report.build)
+    report/            report.html (self-contained) and report.md with plots
+                       (dpfl.shared.report.build)
 
 Rerunning in the same run directory continues the same ledger (ε accumulates).
 """
@@ -25,14 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from dpfl.shared.data.encode import encode_silo
 from dpfl.shared.data.readers import ImageSet
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.ldm.lora import LoraSpec, load_adapter_state, merged_unet, save_adapter, wrap_unet
+from dpfl.shared.ldm.lora import LoraSpec, merged_unet, save_adapter
 from dpfl.shared.ldm.models import load_ldm
 from dpfl.shared.ldm.sampling import class_grid
 from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo, train_lora
+from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
+from dpfl.shared.privacy.guarantee import SCOPE_ADAPTER, PrivacyGuarantee
 from dpfl.shared.report.build import try_write_report
 from dpfl.shared.rundir import RunDir
 
@@ -101,17 +105,18 @@ def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True
     for rec in result.history:
         rd.log(**rec)
     # the ledger already holds these steps (committed before training)
-    model = wrap_unet(ldm.unet, lora)
-    load_adapter_state(model, result.adapter)
-    save_adapter(model, rd / "adapter")
+    save_adapter(result.model, rd / "adapter")
+    PrivacyGuarantee.from_accountant(
+        accountant, scope=SCOPE_ADAPTER, base_fingerprint=ldm.card.get("fingerprint"),
+        examples=result.examples).write(rd / "adapter" / "privacy.json")
     rd.log(final=True, steps=result.steps, sigma=result.sigma, sample_rate=result.sample_rate,
            epsilon=result.epsilon, delta=result.delta, mean_loss=result.mean_loss,
            ledger_steps=accountant.steps)
-    tuned = dataclasses.replace(ldm, unet=merged_unet(model).eval())
+    tuned = dataclasses.replace(ldm, unet=merged_unet(result.model).eval())
     class_grid(tuned, rd / "samples_after.png",
                title=f"DP-LoRA eps={result.epsilon:.2f} delta={result.delta:g}", **grid)
     report = try_write_report(rd.path)  # logs, never raises: the results are on disk
     return {"epsilon": result.epsilon, "delta": result.delta, "steps": result.steps,
             "sigma": result.sigma, "examples": result.examples, "run_dir": str(rd.path),
-            "adapter": str(rd / "adapter"), "accountant": str(acc_path),
-            "report": str(report) if report else None}
+            "adapter": str(rd / "adapter"), "privacy": str(rd / "adapter" / "privacy.json"),
+            "accountant": str(acc_path), "report": str(report) if report else None}

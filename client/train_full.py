@@ -20,7 +20,8 @@ Writes a run directory::
     samples_after.png  class grid of the trained model
     model/             the whole trained LDM, diffusers format (loads like any base model):
                        the base model's public vae/ and scheduler/, the DP-trained unet/,
-                       model_card.json and privacy.json (guarantee, scope, protocol)
+                       model_card.json (protocol) and privacy.json (the guarantee and its
+                       scope, dpfl.shared.privacy.guarantee)
     accountant.json    the client's privacy ledger (committed before training starts)
 
 Rerunning in the same run directory continues the same ledger (ε accumulates) and trains a
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.client.train import TrainJob, open_silo_and_ledger
+from dpfl.shared.data.encode import encode_silo
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.io import atomic_write_json
 from dpfl.shared.ldm.models import (
     LatentDiffusion,
     fingerprint_modules,
@@ -46,8 +47,9 @@ from dpfl.shared.ldm.models import (
     save_ldm,
 )
 from dpfl.shared.ldm.sampling import class_grid
-from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo
+from dpfl.shared.privacy.dpsgd import DPConfig
 from dpfl.shared.privacy.full import train_full
+from dpfl.shared.privacy.guarantee import SCOPE_UNET, PrivacyGuarantee
 from dpfl.shared.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -69,12 +71,12 @@ def _start(base: LatentDiffusion, init: str, seed: int) -> LatentDiffusion:
 
 
 def _write_model(trained: LatentDiffusion, path: Path, card: dict[str, Any],
-                 privacy: dict[str, Any]) -> Path:
+                 privacy: PrivacyGuarantee) -> Path:
     """Write the model beside ``path`` and swap it in, so ``path`` is never half-written."""
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     save_ldm(trained, partial, card=card)
-    atomic_write_json(partial / "privacy.json", privacy)
+    privacy.write(partial / "privacy.json")
     if path.exists():
         shutil.rmtree(path)
     partial.rename(path)
@@ -105,15 +107,12 @@ def run_train_full(job: TrainJob, dp: DPConfig, init: str = "scratch", ema_decay
     unet = fresh_unet(base.unet)
     unet.load_state_dict(result.unet_state)
     trained = dataclasses.replace(base, unet=unet.eval(), card={})
-    privacy = {"epsilon": result.epsilon, "delta": result.delta, "accountant": accountant.kind,
-               "steps": accountant.steps, "sigma": result.sigma,
-               "sample_rate": result.sample_rate, "examples": result.examples,
-               "scope": "record-level DP of the UNet with respect to each example of the "
-                        "silo; vae/ is the base model's public autoencoder (no private data)",
-               "source": str(acc_path)}
+    privacy = PrivacyGuarantee.from_accountant(accountant, scope=SCOPE_UNET,
+                                               base_fingerprint=base.card.get("fingerprint"),
+                                               examples=result.examples)
     card = {"trained_by": "dpfl-client train-full", "init": init, "protocol": INITS[init],
             "init_seed": dp.seed if init == "scratch" else None, "data": ds.source,
-            "examples": len(ds), "ema_decay": ema_decay, "privacy": privacy,
+            "examples": len(ds), "ema_decay": ema_decay, "privacy": privacy.to_json(),
             "autoencoder": {"from": str(job.model),
                             "fingerprint": fingerprint_modules({"vae": base.vae})},
             "base_fingerprint": base.card.get("fingerprint")}

@@ -41,7 +41,7 @@ def test_train_writes_run_dir_and_ledger_matches(setup, tmp_path):
     out = _train(setup, run)
     for name in ("config.json", "metrics.jsonl", "samples_before.png", "samples_after.png",
                  "accountant.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors"):
+                 "adapter/adapter_model.safetensors", "adapter/privacy.json"):
         assert (run / name).exists(), name
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m and "final" not in m]
@@ -55,11 +55,27 @@ def test_train_writes_run_dir_and_ledger_matches(setup, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["config"]["dp"]["noise_multiplicity"] == 2 and "opacus" in cfg["versions"]
     load_adapter(build_ldm("tiny").unet, run / "adapter")
+    _assert_states_the_ledger(run / "adapter" / "privacy.json", run / "accountant.json")
+    assert out["privacy"] == str(run / "adapter" / "privacy.json")
 
     # a second run in the same directory continues the same ledger
     again = _train(setup, run)
     assert again["epsilon"] > out["epsilon"]
     assert PersistentAccountant.load(run / "accountant.json").steps == 8
+    _assert_states_the_ledger(run / "adapter" / "privacy.json", run / "accountant.json")
+
+
+def _assert_states_the_ledger(privacy_file, ledger_file):
+    """privacy.json is the one schema and states exactly what the ledger holds."""
+    from dpfl.shared.privacy.guarantee import PrivacyGuarantee
+
+    ledger = PersistentAccountant.load(ledger_file)
+    assert json.loads(privacy_file.read_text())["format"] == "dpfl-privacy/1"
+    g = PrivacyGuarantee.from_file(privacy_file)
+    assert (g.status, g.epsilon, g.delta, g.accountant, g.steps) == \
+        ("stated", ledger.epsilon(), ledger.delta, ledger.kind, ledger.steps)
+    assert g.source == str(ledger_file) and g.scope.startswith("record-level DP")
+    assert g.detail["history"] == [list(h) for h in ledger.history]
 
 
 @pytest.mark.parametrize("command, output", [("train", "adapter"), ("train-full", "model")])
@@ -121,6 +137,8 @@ def test_train_full_from_scratch_writes_a_loadable_model(setup, tmp_path):
     assert guarantee.status == "stated" and guarantee.accountant == "rdp"
     assert guarantee.epsilon == pytest.approx(ledger.epsilon()) and guarantee.delta == 1e-3
     assert model.card["privacy"]["epsilon"] == pytest.approx(ledger.epsilon())
+    _assert_states_the_ledger(run / "model" / "privacy.json", run / "accountant.json")
+    assert "UNet" in guarantee.scope and guarantee.base_fingerprint == base.card["fingerprint"]
 
     again = _train_full(setup, run, "--seed", "3")  # same ledger: epsilon accumulates
     assert again["epsilon"] > out["epsilon"]

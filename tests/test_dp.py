@@ -8,17 +8,18 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+import dpfl.shared.privacy.dpsgd as dpmod
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.ldm.diffusion import expand_draws, row_losses
 from dpfl.shared.ldm.lora import PRESETS, LoraSpec, adapter_state, load_adapter_state, wrap_unet
 from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import (
-    DPConfig,
+from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
+from dpfl.shared.privacy.multiplicity import (
     mark_empty_batch,
     physical_step,
     reduce_noise_multiplicity,
-    train_lora,
 )
+from dpfl.shared.privacy.poisson import dp_steps, sample_rate, steps_per_epoch
 
 
 def _batch(b, seed=0):
@@ -181,6 +182,13 @@ def test_train_lora_changes_only_adapters_and_base_is_bit_identical(tiny_ldm, tm
     assert all(not torch.equal(res.adapter[k], init[k]) for k in init if "lora_B" in k)
     assert not torch.equal(res.adapter["base_model.model.class_embedding.weight"],
                            init["base_model.model.class_embedding.weight"])
+    # the trained peft model itself comes back too: on CPU, Opacus' hooks and grads gone
+    returned = adapter_state(res.model)
+    assert set(returned) == set(res.adapter)
+    assert all(torch.equal(returned[k], v) for k, v in res.adapter.items())
+    assert all(p.device.type == "cpu" and getattr(p, "grad_sample", None) is None
+               for p in res.model.parameters())
+    assert not any(m._forward_hooks for m in res.model.modules())
     frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
               for n, p in model.named_parameters() if not p.requires_grad and
               "original_module" not in n}
@@ -201,3 +209,47 @@ def test_config_validation():
         DPConfig(delta=1e-2).check_dataset(200)
     with pytest.raises(ConfigError, match="planned_steps"):
         DPConfig(planned_steps=0)
+
+
+@pytest.mark.parametrize("n, batch, epochs", [(93, 1, 1), (24, 8, 2), (40, 10, 1), (49, 1, 1),
+                                              (100, 7, 1)])
+def test_committed_steps_are_the_steps_taken_and_calibrated_for(tiny_ldm, tmp_path,
+                                                                monkeypatch, n, batch, epochs):
+    """One rule for steps: σ is calibrated for, and the ledger records, exactly the steps
+    Opacus' Poisson loader takes (int(1/q) per epoch: 92, not 93, for n=93, B=1)."""
+    calibrated = []
+    real = dpmod.calibrate_sigma
+
+    def spy(eps, delta, q, steps, kind="rdp"):
+        calibrated.append((q, steps))
+        return real(eps, delta, q, steps, kind)
+
+    monkeypatch.setattr(dpmod, "calibrate_sigma", spy)
+    acc = PersistentAccountant.open(tmp_path / "acc.json", delta=1e-3, budget=50)
+    dp = DPConfig(target_epsilon=8.0, delta=1e-3, batch_size=batch, max_physical_batch=16,
+                  noise_multiplicity=1, epochs=epochs, device="cpu")
+    z, y = torch.randn(n, 4, 8, 8), torch.randint(0, 10, (n,))
+    res = train_lora(tiny_ldm, z, y, LoraSpec(rank=1, train_class_embedding=False), dp, acc,
+                     progress=False)
+    taken = [h for h in res.history if "loss" in h]
+    assert len(taken) == res.steps == acc.steps == dp_steps(n, batch, epochs)
+    assert acc.history == [(res.sigma, sample_rate(n, batch), res.steps)]
+    assert calibrated == [(sample_rate(n, batch), res.steps)]
+    assert dp_steps(n, batch, epochs) == epochs * steps_per_epoch(n, batch)
+    if (n, batch) == (93, 1):
+        assert steps_per_epoch(n, batch) == 92 and sample_rate(n, batch) == 1 / 93
+
+
+def test_site_plans_every_round_with_the_same_rule(tmp_path):
+    """A federated site calibrates σ for num_rounds rounds of the steps one round commits."""
+    from dpfl.client.site import Site
+    from dpfl.shared.federation.config import RoundPlan, SiteConfig
+
+    site = Site(SiteConfig(site_id="s", data="unused.npz", state_dir=str(tmp_path / "state"),
+                           delta=1e-3))
+    for n, batch, epochs in [(93, 1, 1), (93, 64, 2), (40, 10, 3), (24, 64, 1)]:
+        plan = RoundPlan(num_rounds=3, local_epochs=epochs, batch_size=batch)
+        dp = site.dp_config(plan, n)
+        assert dp.batch_size == min(batch, n) and dp.epochs == epochs
+        assert dp.planned_steps == 3 * dp_steps(n, dp.batch_size, epochs)
+    assert site.dp_config(RoundPlan(num_rounds=2, batch_size=1), 93).planned_steps == 2 * 92

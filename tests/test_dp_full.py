@@ -16,8 +16,9 @@ from dpfl.shared.errors import BudgetExhausted, ConfigError, StateError
 from dpfl.shared.ldm.diffusion import expand_draws, row_losses
 from dpfl.shared.ldm.models import fresh_unet
 from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import DPConfig, physical_step
+from dpfl.shared.privacy.dpsgd import DPConfig
 from dpfl.shared.privacy.full import full_unet, train_full
+from dpfl.shared.privacy.multiplicity import physical_step
 
 
 def _batch(b, seed=0):
@@ -163,6 +164,12 @@ def test_refuses_when_opacus_steps_differ_from_the_ledger(scratch, tmp_path, mon
     monkeypatch.setattr(dpmod, "_plan", lambda *a: (lambda q, s, sig: (q, s + 1, sig))(*real(*a)))
     acc = PersistentAccountant.open(tmp_path / "acc.json", delta=1e-3, budget=50)
     z, y = _batch(24)
+    # Opacus' loader is checked against the plan before anything is committed...
+    with pytest.raises(StateError, match="3 steps per epoch, but q=.* and 4 steps were planned"):
+        train_full(scratch, z, y, _dp(), acc, progress=False)
+    assert PersistentAccountant.load(tmp_path / "acc.json").steps == 0
+    # ... and the steps Opacus took against the ledger after training
+    monkeypatch.setattr(dpmod, "_check_loader", lambda *a: None)
     with pytest.raises(StateError, match="Opacus took 3 steps but 4 were committed"):
         train_full(scratch, z, y, _dp(), acc, progress=False)
 

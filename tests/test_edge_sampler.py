@@ -22,14 +22,10 @@ from dpfl.shared.edge.sampler import (
     timesteps,
 )
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.export.onnx_bundle import (
-    ExportConfig,
-    PrivacyGuarantee,
-    export_bundle,
-    merge_adapter,
-)
+from dpfl.shared.export.onnx_bundle import ExportConfig, export_bundle, merge_adapter
 from dpfl.shared.ldm.diffusion import ddim_sample
 from dpfl.shared.ldm.models import build_ldm
+from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
 from .test_export import make_adapter
 

@@ -144,7 +144,8 @@ def test_domain_classifier_is_trained_once_then_loaded(tmp_path, monkeypatch):
 def test_missing_inception_file_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.delenv("DPFL_INCEPTION", raising=False)
     assert inception_path(None) is None  # not requested: no FID
-    with pytest.raises(ModelError, match=r"inception-2015-12-05\.pt.*--inception PATH.*DPFL_INCEPTION"):
+    with pytest.raises(ModelError,
+                       match=r"inception-2015-12-05\.pt.*--inception PATH.*DPFL_INCEPTION"):
         inception_path(tmp_path / "nowhere.pt")
     monkeypatch.setenv("DPFL_INCEPTION", str(tmp_path / "also-nowhere.pt"))
     with pytest.raises(ModelError, match="also-nowhere.pt"):
@@ -225,6 +226,33 @@ def test_cli_evaluates_a_tiny_model_end_to_end(setup, tmp_path):
     assert real["kind"] == "real" and real["grid"] is None
     assert real["train_set"]["per_class"] == [4] * 10
     assert not (tmp_path / "real" / "samples.npz").exists()
+
+
+def test_generator_privacy_is_read_with_the_one_reader(tmp_path):
+    from dpfl.shared.eval.evaluate import _adapter_privacy
+    from dpfl.shared.privacy.accountant import PersistentAccountant
+    from dpfl.shared.privacy.guarantee import SCOPE_ADAPTER, PrivacyGuarantee
+
+    run, model = tmp_path / "run", tmp_path / "model"
+    (run / "adapter").mkdir(parents=True)
+    model.mkdir()
+    assert _adapter_privacy(str(run / "adapter"))["status"] == "unknown"
+    acc = PersistentAccountant.open(run / "accountant.json", delta=1e-5, budget=8.0)
+    acc.commit(1.1, 0.01, 100)  # a central run of older dpfl: only the ledger beside it
+    old = _adapter_privacy(str(run / "adapter"))
+    assert (old["status"], old["epsilon"], old["source"]) == \
+        ("stated", acc.epsilon(), str(run / "accountant.json"))
+    acc.commit(1.1, 0.01, 100)
+    PrivacyGuarantee.from_accountant(acc, scope=SCOPE_ADAPTER).write(
+        run / "adapter" / "privacy.json")
+    new = _adapter_privacy(str(run / "adapter"))
+    assert (new["status"], new["epsilon"], new["delta"], new["accountant"]) == \
+        ("stated", acc.epsilon(), 1e-5, "rdp")
+    assert _adapter_privacy(None, str(model)) is None  # a public base model states nothing
+    PrivacyGuarantee.from_values(2.0, 1e-6).write(model / "privacy.json")
+    assert _adapter_privacy(None, str(model))["epsilon"] == 2.0
+    (model / "privacy.json").write_text("{")
+    assert _adapter_privacy(None, str(model))["status"] == "unreadable"
 
 
 def test_cli_refuses_model_and_real_set_together(setup, tmp_path):

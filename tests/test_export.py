@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,11 @@ from click.testing import CliRunner
 from dpfl.shared.errors import ConfigError, IncompatibleAdapter, ModelError
 from dpfl.shared.export.onnx_bundle import (
     ExportConfig,
-    PrivacyGuarantee,
     adapter_fingerprint,
     export_bundle,
     merge_adapter,
 )
+from dpfl.shared.privacy.guarantee import SCOPE_FEDERATED, PrivacyGuarantee
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -102,7 +103,8 @@ def test_bundle_is_self_describing(bundle, tiny_ldm, adapter):
     assert meta["adapter"]["fingerprint"] == adapter_fingerprint(adapter)
     assert meta["privacy"]["status"] == "stated"
     assert (meta["privacy"]["epsilon"], meta["privacy"]["delta"]) == (3.25, 1e-5)
-    assert meta["privacy"]["accountant"] == "rdp"
+    assert meta["privacy"]["accountant"] == "rdp" and meta["privacy"]["steps"] == 500
+    assert meta["privacy"]["format"] == "dpfl-privacy/1"
     assert meta["created"].startswith("20")
     assert set(meta["variants"]) == {"fp32", "fp16", "int8"}
     for v in meta["variants"].values():
@@ -181,6 +183,70 @@ def test_privacy_guarantee_is_read_never_invented(tmp_path):
     assert PrivacyGuarantee.from_file(history_only).epsilon is None
     with pytest.raises(ConfigError, match="cannot read privacy file"):
         PrivacyGuarantee.from_file(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="carries no numbers"):
+        PrivacyGuarantee(epsilon=1.0, delta=1e-5)  # status "unknown" with numbers
+    with pytest.raises(ConfigError, match="epsilon must be a number"):
+        PrivacyGuarantee(status="stated", epsilon=float("nan"), delta=1e-5)
+
+
+class _Ledger:  # what PrivacyLedger offers the guarantee
+    path = Path("run/ledger.json")
+    sites = {"a": {"epsilon": 3.0, "delta": 1e-5}, "b": {"epsilon": 4.0, "delta": 1e-6}}
+    client_level = {"epsilon": 2.0, "delta": 0.1}
+    last_round = 3
+
+    def global_guarantee(self):
+        return 4.0, 1e-5
+
+
+def test_privacy_json_one_schema_round_trips(tmp_path):
+    from dpfl.shared.privacy.accountant import PersistentAccountant
+
+    acc = PersistentAccountant.open(tmp_path / "accountant.json", delta=1e-5, budget=8.0)
+    acc.commit(1.1, 0.01, 500)
+    central = PrivacyGuarantee.from_accountant(acc, scope="s", base_fingerprint="sha256:b",
+                                               examples=100)
+    assert (central.epsilon, central.delta, central.accountant, central.steps) == \
+        (acc.epsilon(), 1e-5, "rdp", 500)
+    assert central.detail == {"history": [[1.1, 0.01, 500]], "budget": 8.0, "examples": 100}
+    fed = PrivacyGuarantee.from_ledger(_Ledger(), "sha256:b")
+    assert (fed.epsilon, fed.delta, fed.rounds, fed.scope) == (4.0, 1e-5, 3, SCOPE_FEDERATED)
+    assert fed.per_client == _Ledger.sites and fed.client_level["epsilon"] == 2.0
+    for g in (central, fed, PrivacyGuarantee(), PrivacyGuarantee.from_values(1.5, 1e-6)):
+        path = g.write(tmp_path / "privacy.json")
+        assert json.loads(path.read_text())["format"] == "dpfl-privacy/1"
+        assert PrivacyGuarantee.from_file(path) == g
+    (tmp_path / "new.json").write_text(json.dumps({"format": "dpfl-privacy/2", "epsilon": 1}))
+    with pytest.raises(ConfigError, match="newer dpfl"):
+        PrivacyGuarantee.from_file(tmp_path / "new.json")
+    (tmp_path / "bad.json").write_text(json.dumps({**fed.to_json(), "delta": 2.0}))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(tmp_path / 'bad.json'))}.*delta"):
+        PrivacyGuarantee.from_file(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("name, legacy, expected", [
+    ("accountant state", {"format": "dpfl-accountant/1", "kind": "prv", "delta": 1e-5,
+                          "budget": 8.0, "history": [[1.1, 0.01, 500]], "epsilon": 3.25,
+                          "steps": 500}, (3.25, 1e-5, "prv", 500, None)),
+    ("federated, before the schema", {"global_epsilon": 4.0, "global_delta": 1e-5,
+                                      "sites": {"a": {"epsilon": 4.0}}, "rounds": 3,
+                                      "client_level": None, "base_fingerprint": "sha256:b"},
+     (4.0, 1e-5, None, None, 3)),
+    ("train-full, before the schema", {"epsilon": 2.0, "delta": 1e-3, "accountant": "rdp",
+                                       "steps": 8, "sigma": 1.3, "sample_rate": 0.25,
+                                       "examples": 40, "scope": "record-level DP of the UNet",
+                                       "source": "run/accountant.json"},
+     (2.0, 1e-3, "rdp", 8, None)),
+])
+def test_privacy_files_of_older_dpfl_are_read(tmp_path, name, legacy, expected):
+    path = tmp_path / "privacy.json"
+    path.write_text(json.dumps(legacy))
+    g = PrivacyGuarantee.from_file(path)
+    assert g.status == "stated"
+    assert (g.epsilon, g.delta, g.accountant, g.steps, g.rounds) == expected
+    assert g.source == str(path) and g.detail == legacy  # the file as it was, for audit
+    rewritten = PrivacyGuarantee.from_file(g.write(tmp_path / "again.json"))
+    assert rewritten == g  # and written again in the one schema
 
 
 def test_server_export_command(tmp_path, tiny_ldm, adapter):

@@ -157,9 +157,11 @@ def downstream_accuracy(train: ImageSet, test: ImageSet,
 
 # -- domain feature space --------------------------------------------------------------------
 def domain_classifier(folder: str | Path, data: str = "fmnist:public",
-                      settings: TrainSettings = TrainSettings(), progress: bool = True) -> TrainedCNN:
+                      settings: TrainSettings = TrainSettings(),
+                      progress: bool = True) -> TrainedCNN:
     """The feature extractor for domain FD: loaded from ``folder``, or trained on the PUBLIC
-    source ``data`` and saved there first. A cached classifier trained on other data is refused."""
+    source ``data`` and saved there first. A cached classifier trained on other data is
+    refused."""
     folder = Path(folder)
     if (folder / META_FILE).exists():
         trained = load_classifier(folder, settings.device)
@@ -277,8 +279,10 @@ class EvalConfig:
 
 
 def _adapter_privacy(adapter: str | None, model: str | None = None) -> dict[str, Any] | None:
-    """The guarantee of what was trained on private data: the adapter's, or for a whole model
-    trained under DP (``dpfl-client train-full``) the model directory's ``privacy.json``."""
+    """The guarantee of what was trained on private data, read with the one ``privacy.json``
+    reader: the adapter's ``privacy.json`` (central and federated training write it; for a
+    central run of older dpfl, the accountant state beside the adapter), or for a whole
+    model trained under DP (``dpfl-client train-full``) the model directory's."""
     from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
     if adapter is None:
@@ -354,11 +358,11 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path, progress: bool = True) -> dic
                                    TrainSettings(epochs=cfg.classifier_epochs, device=device),
                                    progress)
     seen = np.isin(test.labels, classifier.meta.get("seen_classes", []))
+    seen_acc = accuracy(classifier.model, test.subset(seen))[0] if seen.any() else None
     record["classifier"] = {"dir": str(cdir), "data": classifier.meta.get("data"),
                             "fingerprint": classifier.meta.get("fingerprint"),
                             "val_accuracy": classifier.meta.get("val_accuracy"),
-                            "test_accuracy_seen_classes":
-                                accuracy(classifier.model, test.subset(seen))[0] if seen.any() else None}
+                            "test_accuracy_seen_classes": seen_acc}
     record["domain"] = domain_metrics(classifier, train, test, k=cfg.k, seed=cfg.seed)
     record["fid"] = None
     if fid_weights is not None:

@@ -10,7 +10,8 @@ are written with their measured differences recorded, never refused.
 
 Bundle layout (``bundle.json`` says everything a sampler needs)::
 
-    bundle.json             format, geometry, classes, scheduler, fingerprints, privacy,
+    bundle.json             format, geometry, classes, scheduler, fingerprints, privacy
+                            (the ``privacy.json`` schema, dpfl.shared.privacy.guarantee),
                             variants with their ONNX files and measured parity, date
     unet.onnx decoder.onnx  fp32 graphs (optionally *.fp16.onnx, *.int8.onnx)
 
@@ -53,8 +54,8 @@ from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportConfig", "PrivacyGuarantee", "adapter_fingerprint", "export_bundle",
-           "measure_parity", "merge_adapter", "torch_references"]
+__all__ = ["ExportConfig", "adapter_fingerprint", "export_bundle", "measure_parity",
+           "merge_adapter", "torch_references"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,7 +98,8 @@ class ExportConfig:
             raise ConfigError(f"ExportConfig.parity_batch_sizes must be two integers >= 1, "
                               f"got {self.parity_batch_sizes!r}")
         if not 1 <= self.parity_steps <= 100:
-            raise ConfigError(f"ExportConfig.parity_steps must be in 1..100, got {self.parity_steps}")
+            raise ConfigError(f"ExportConfig.parity_steps must be in 1..100, got "
+                              f"{self.parity_steps}")
         if not 14 <= self.opset <= 21:
             raise ConfigError(f"ExportConfig.opset must be in 14..21, got {self.opset}")
 
@@ -206,7 +208,8 @@ def _random_inputs(ldm: LatentDiffusion, batch: int, gen: torch.Generator
     return {
         "unet": {"sample": torch.randn(shape, generator=gen),
                  "timestep": torch.randint(0, n_train, (batch,), generator=gen),
-                 "class_labels": torch.randint(0, ldm.spec.num_classes + 1, (batch,), generator=gen)},
+                 "class_labels": torch.randint(0, ldm.spec.num_classes + 1, (batch,),
+                                               generator=gen)},
         "decoder": {"latents": torch.randn(shape, generator=gen)},
     }
 
@@ -363,6 +366,9 @@ def export_bundle(ldm: LatentDiffusion, out_dir: str | Path, adapter_dir: str | 
                   privacy: PrivacyGuarantee | None = None, config: ExportConfig | None = None,
                   overwrite: bool = False) -> Path:
     """Merge ``adapter_dir`` (optional) into ``ldm`` and write an ONNX bundle to ``out_dir``.
+
+    ``privacy``: the guarantee the bundle states (e.g. ``PrivacyGuarantee.from_file`` of the
+    adapter's ``privacy.json``); None records it as unknown, never guessed.
 
     Raises :class:`ModelError` (and writes nothing) when fp32 parity with torch exceeds the
     configured tolerances; the message carries the measured difference.

@@ -73,7 +73,7 @@ class PersistentAccountant:
         self.kind = kind
         self.delta = float(delta)
         self.budget = float(budget)
-        self.history: list[tuple[float, float, int]] = [tuple(h) for h in (history or [])]
+        self.history: list[tuple[float, float, int]] = [(s, q, n) for s, q, n in history or []]
 
     # -- persistence --------------------------------------------------------------------
     @classmethod

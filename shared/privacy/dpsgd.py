@@ -2,21 +2,19 @@
 (:func:`train_lora`) or for every UNet parameter (:func:`dpfl.shared.privacy.full.train_full`).
 
 Papers: DPDM (Dockhorn et al., "Differentially Private Diffusion Models", TMLR 2023) for
-noise multiplicity and for training the whole denoiser from scratch under DP-SGD (the
-baseline in :mod:`dpfl.shared.privacy.full`); DP-LDM (Lyu et al., 2024) and DP-LoRA (Tsai et
-al., 2024) for fine-tuning only attention/projection adapters of a public LDM; DP-SGD
-(Abadi et al., 2016) with Poisson sampling as implemented by Opacus (Yousefpour et al.,
-2021). Both modes share one code path (:func:`dp_sgd`): sampling, calibration, the ledger
-commit, the Opacus engine and the step-count check.
+noise multiplicity (:mod:`dpfl.shared.privacy.multiplicity`) and for training the whole
+denoiser from scratch under DP-SGD (the baseline in :mod:`dpfl.shared.privacy.full`); DP-LDM
+(Lyu et al., 2024) and DP-LoRA (Tsai et al., 2024) for fine-tuning only attention/projection
+adapters of a public LDM; DP-SGD (Abadi et al., 2016) with Poisson sampling as implemented
+by Opacus (Yousefpour et al., 2021). Both modes share one code path (:func:`dp_sgd`):
+sampling, calibration, the ledger commit, the Opacus engine and the step-count checks.
 
-Noise multiplicity, done right under stock Opacus: each example of a physical batch becomes
-K rows (:func:`dpfl.shared.ldm.diffusion.expand_draws`, example-major), the UNet sees B*K rows,
-and the loss is the mean over rows with ``loss_reduction="mean"``, so Opacus' per-row
-gradient is the gradient of that row's loss. Before the optimizer clips, every
-``grad_sample`` is reshaped to (B, K, ...) and averaged over K
-(:func:`reduce_noise_multiplicity`): each example's gradient is the gradient of its mean
-K-draw loss and is clipped *once* at C. (Clipping each row separately would give sensitivity
-K*C with noise sized for C.)
+Reading order: :class:`DPConfig` (the settings), :class:`DPRunStats` / :class:`TrainResult`
+(what a call returns), :func:`train_lora` (the entry point), :func:`dp_sgd` (the one code
+path) and its steps: :func:`_plan` (q, steps and σ, from the one step-count rule in
+:mod:`dpfl.shared.privacy.poisson`), :func:`make_private` (the Opacus engine, whose loader
+:func:`_check_loader` holds to the plan) and :func:`_run` (the loop over logical steps; each
+physical batch is :func:`~dpfl.shared.privacy.multiplicity.physical_step`).
 
 Known Opacus trap: its per-sample conv gradients assume contiguous inputs; convs after
 diffusers' attention blocks get channels_last-strided tensors. Every trainable conv's input
@@ -26,10 +24,13 @@ and, in full training, for every conv of the UNet. Every layer of diffusers'
 an Opacus grad sampler, so hooks mode needs no functorch fallback.
 
 Privacy bookkeeping: the steps of a call are committed to the client's
-:class:`~dpfl.shared.privacy.accountant.PersistentAccountant` (on disk) *before* training starts, so
-ε is never under-reported, even after a crash. Only the noised, trained tensors leave
-(adapter or UNet state); never per-example gradients or un-noised updates. The reported
-``mean_loss`` is computed on private data without noise: a local diagnostic, not for sharing.
+:class:`~dpfl.shared.privacy.accountant.PersistentAccountant` (on disk) *before* training
+starts, so ε is never under-reported, even after a crash; σ is calibrated for, and the
+ledger records, exactly the steps Opacus' Poisson loader takes (checked against the loader
+before the commit and against Opacus' own count after training). Only the noised, trained
+tensors leave (adapter or UNet state); never per-example gradients or un-noised updates.
+The reported ``mean_loss`` is computed on private data without noise: a local diagnostic,
+not for sharing.
 """
 
 from __future__ import annotations
@@ -47,12 +48,11 @@ from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from peft import PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from dpfl.shared.data.readers import ImageSet, to_model_tensor
 from dpfl.shared.errors import ConfigError, DataError, StateError
-from dpfl.shared.ldm.diffusion import expand_draws, row_losses
 from dpfl.shared.ldm.lora import (
     LoraSpec,
     adapter_state,
@@ -61,7 +61,9 @@ from dpfl.shared.ldm.lora import (
     wrap_unet,
 )
 from dpfl.shared.ldm.models import LatentDiffusion, resolve_device
+from dpfl.shared.privacy import poisson
 from dpfl.shared.privacy.accountant import KINDS, PersistentAccountant, epsilon_of
+from dpfl.shared.privacy.multiplicity import physical_step
 from dpfl.shared.privacy.securenoise import make_secure
 
 log = logging.getLogger(__name__)
@@ -80,15 +82,17 @@ class DPConfig:
         delta: δ of (ε, δ)-DP (0 < δ, and < 1/n where n is the silo size; default 1e-5).
         accountant: ``rdp`` (default) or ``prv`` (Opacus accountants).
         batch_size: expected logical batch size under Poisson sampling (>= 1, default 256);
-            the sample rate is 1 / ceil(n / batch_size).
+            the sample rate is 1 / ceil(n / batch_size) and an epoch takes the steps Opacus'
+            Poisson loader takes (:func:`dpfl.shared.privacy.poisson.steps_per_epoch`).
         max_physical_batch: examples per forward/backward pass (>= 1, default 64); larger
             logical batches are split by Opacus' BatchMemoryManager (memory use grows with
             max_physical_batch * noise_multiplicity).
         noise_multiplicity: K draws of (timestep, noise) per example (>= 1, default 4).
         lr: Adam learning rate of the adapters (> 0, default 1e-3).
         epochs: passes over the silo in this call (>= 1, default 1).
-        planned_steps: DP-SGD steps of the whole planned run (e.g. rounds x epochs x steps
-            per epoch), used to calibrate σ; ``None``: this call's steps.
+        planned_steps: DP-SGD steps of the whole planned run (e.g. rounds x
+            :func:`dpfl.shared.privacy.poisson.dp_steps`), used to calibrate σ; ``None``:
+            this call's steps.
         cond_drop: probability a row trains the null class (classifier-free guidance;
             0 <= p < 1, default 0.1).
         secure_mode: DP noise from the OS CSPRNG with Opacus' secure-mode construction
@@ -155,63 +159,146 @@ class DPConfig:
             raise ConfigError(f"batch_size={self.batch_size} exceeds the silo size {n}; lower it")
 
 
+@dataclass(frozen=True, kw_only=True)
+class DPRunStats:
+    """Privacy and progress figures of one DP-SGD call (nothing per-example, nothing un-noised).
+
+    Attributes:
+        examples: silo size n.
+        steps: DP-SGD steps taken in this call.
+        sigma: noise multiplier σ used.
+        sample_rate: Poisson sampling rate q.
+        epsilon: total ε this client has spent so far (all calls), at ``delta``.
+        delta: δ of the accountant.
+        mean_loss: mean training loss of the call (non-private diagnostic; keep local).
+        history: per-step records (step, loss) and per-epoch records (epoch, epsilon).
+    """
+
+    examples: int
+    steps: int
+    sigma: float
+    sample_rate: float
+    epsilon: float
+    delta: float
+    mean_loss: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult(DPRunStats):
+    """What :func:`train_lora` returns: ``adapter``, the trained adapter tensors (peft
+    state-dict keys, on CPU), ``model``, the trained peft model itself (on CPU, Opacus'
+    hooks removed; save it with :func:`dpfl.shared.ldm.lora.save_adapter`), and the
+    :class:`DPRunStats` fields."""
+
+    adapter: dict[str, torch.Tensor]
+    model: PeftModel
+
+
+# -- the entry point ----------------------------------------------------------------------
+def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor, lora: LoraSpec,
+               dp: DPConfig, accountant: PersistentAccountant,
+               init_adapter: dict[str, torch.Tensor] | None = None,
+               progress: bool = True) -> TrainResult:
+    """DP-SGD on LoRA adapters of (a copy of) ``ldm.unet``; ``ldm`` itself is not modified.
+
+    ``latents``/``labels`` come from :func:`dpfl.shared.data.encode.encode_silo`. Commits
+    the call's steps to ``accountant`` (durably) before training; raises
+    :class:`~dpfl.shared.errors.BudgetExhausted` if they would exceed its budget.
+    """
+    check_silo(latents, labels, dp)
+    model = wrap_unet(ldm.unet, lora).to(resolve_device(dp.device))
+    if init_adapter is not None:
+        load_adapter_state(model, init_adapter)
+    stats = dp_sgd(ldm, model, latents, labels, dp, accountant, progress, "DP-LoRA")
+    model.to("cpu")
+    return TrainResult(adapter=adapter_state(model), model=model, **stats)
+
+
+def check_silo(latents: torch.Tensor, labels: torch.Tensor, dp: DPConfig) -> None:
+    """Labels fit the latents, and the silo size fits ``dp`` (δ < 1/n, batch <= n)."""
+    n = int(latents.shape[0])
+    if labels.shape != (n,):
+        raise DataError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    dp.check_dataset(n)
+
+
+# -- the one DP-SGD code path -------------------------------------------------------------
+def dp_sgd(ldm: LatentDiffusion, model: torch.nn.Module, latents: torch.Tensor,
+           labels: torch.Tensor, dp: DPConfig, accountant: PersistentAccountant,
+           progress: bool, label: str,
+           after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """The one DP-SGD code path of every mode: trains, in place, the parameters of ``model``
+    (already on its device) that require grad; ``after_step`` runs after each logical step's
+    update (e.g. an EMA). Checks that Opacus' loader takes the planned steps, commits them to
+    ``accountant`` before the first one and checks that Opacus took exactly that many.
+    Returns the :class:`DPRunStats` fields; ``model`` is left without Opacus' hooks."""
+    n = int(latents.shape[0])
+    dev = next(model.parameters()).device
+    model.train()
+    n_train = trainable_count(model)
+    # Poisson sampling must be secret too (amplification by subsampling assumes nobody knows
+    # which examples were drawn): seed it from OS entropy, never from the recorded seed.
+    data_gen = torch.Generator().manual_seed(secrets.randbits(63))
+    loader = DataLoader(TensorDataset(latents.float(), labels.long()), batch_size=dp.batch_size,
+                        generator=data_gen)
+    q, steps, sigma = _plan(n, dp, accountant)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=dp.lr)
+    engine, gsm, opt, dl = make_private(model, optimizer, loader, dp, sigma, dev)
+    _check_loader(dl, q, steps // dp.epochs)
+    prior = list(accountant.history)
+    accountant.commit(sigma, q, steps)  # durable before any step is taken
+    log.info("%s: n=%d, %d trainable parameters, q=%.5f (expected batch %d), sigma=%.4f, "
+             "C=%g, K=%d, %d steps", label, n, n_train, q, opt.expected_batch_size, sigma,
+             dp.clip, dp.noise_multiplicity, steps)
+
+    def epsilon_at(done: int) -> float:
+        return epsilon_of(prior + [(sigma, q, done)], accountant.delta, accountant.kind)
+
+    history = _run(ldm, gsm, opt, dl, dp, steps, progress, epsilon_at, label, after_step)
+    taken = sum(h[2] for h in engine.accountant.history)
+    if taken != steps:
+        raise StateError(f"Opacus took {taken} steps but {steps} were committed to the ledger; "
+                         "refusing to return the trained weights")
+    gsm.cleanup()  # hooks and per-sample gradients off the trained model
+    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
+    return dict(examples=n, steps=steps, sigma=sigma, sample_rate=q,
+                epsilon=accountant.epsilon(), delta=accountant.delta,
+                mean_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+                history=history)
+
+
+def _plan(n: int, dp: DPConfig, accountant: PersistentAccountant) -> tuple[float, int, float]:
+    """(sample rate, steps of this call, σ), after checking the accountant matches. Steps
+    and q follow Opacus' Poisson loader (:mod:`dpfl.shared.privacy.poisson`)."""
+    if accountant.kind != dp.accountant or accountant.delta != dp.delta:
+        raise ConfigError(f"DPConfig asks for accountant={dp.accountant}, delta={dp.delta:g} but "
+                          f"the client's ledger {accountant.path} uses {accountant.kind}, "
+                          f"delta={accountant.delta:g}; they must agree")
+    q = poisson.sample_rate(n, dp.batch_size)
+    steps = poisson.dp_steps(n, dp.batch_size, dp.epochs)
+    planned = dp.planned_steps if dp.planned_steps is not None else steps
+    if planned < steps:
+        raise ConfigError(f"planned_steps={planned} is fewer than this call's {steps} steps "
+                          f"({dp.epochs} epoch(s) x {steps // dp.epochs} steps); plan the "
+                          "whole run")
+    if dp.noise_multiplier is not None:
+        sigma = float(dp.noise_multiplier)
+    elif dp.target_epsilon is not None:
+        sigma = calibrate_sigma(dp.target_epsilon, dp.delta, q, planned, dp.accountant)
+        log.info("calibrated sigma=%.4f for eps=%g, delta=%g over %d planned steps at q=%.5f",
+                 sigma, dp.target_epsilon, dp.delta, planned, q)
+    else:  # DPConfig refuses this; kept so that no path runs without a σ
+        raise ConfigError("give noise_multiplier (sigma) or target_epsilon to calibrate it")
+    return q, steps, sigma
+
+
 def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "rdp") -> float:
     """σ so that ``steps`` Poisson-sampled steps at rate q reach at most (ε, δ) (Opacus)."""
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps,
                                       accountant=accountant))
-
-
-def _grad_sample_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    return [p for p in params if p.requires_grad]
-
-
-def reduce_noise_multiplicity(params: list[torch.nn.Parameter], k: int) -> None:
-    """Average each example's K per-row gradients, in place, before Opacus clips.
-
-    ``p.grad_sample`` of shape (B*K, ...) (example-major rows) becomes (B, ...). Must run
-    after every backward pass and before ``optimizer.step()``.
-    """
-    if k == 1:
-        return
-    for p in _grad_sample_params(params):
-        gs = getattr(p, "grad_sample", None)
-        if gs is None:
-            raise ConfigError("a trainable parameter has no per-sample gradient; was the loss "
-                              "computed through the Opacus GradSampleModule?")
-        parts = gs if isinstance(gs, list) else [gs]
-        reduced = []
-        for g in parts:
-            if g.shape[0] % k:
-                raise ConfigError(f"per-sample gradient has {g.shape[0]} rows, not a multiple "
-                                  f"of noise multiplicity K={k}")
-            reduced.append(g.view(g.shape[0] // k, k, *g.shape[1:]).mean(dim=1))
-        p.grad_sample = reduced if isinstance(gs, list) else reduced[0]
-
-
-def mark_empty_batch(params: list[torch.nn.Parameter]) -> None:
-    """Give every trainable parameter an empty per-sample gradient (Poisson empty batch):
-    the step then adds pure noise, as DP-SGD with Poisson sampling requires."""
-    for p in _grad_sample_params(params):
-        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-
-
-def physical_step(model: torch.nn.Module, scheduler, latents: torch.Tensor, labels: torch.Tensor,
-                  k: int, generator: torch.Generator | None, null_class: int | None,
-                  cond_drop: float) -> float:
-    """Forward/backward of one physical batch with K draws per example; reduces the
-    per-row gradients to per-example ones. Returns the (non-private) mean loss."""
-    params = list(model.parameters())
-    if latents.shape[0] == 0:
-        mark_empty_batch(params)
-        return float("nan")
-    noisy, t, y, target = expand_draws(latents, labels, scheduler, k, null_class, cond_drop,
-                                       generator)
-    loss = row_losses(model, noisy, t, y, target).mean()
-    loss.backward()
-    reduce_noise_multiplicity(params, k)
-    return float(loss.detach())
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -241,147 +328,21 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return engine, gsm, opt, dl
 
 
-# -- the local job ------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True)
-class DPRunStats:
-    """Privacy and progress figures of one DP-SGD call (nothing per-example, nothing un-noised).
-
-    Attributes:
-        examples: silo size n.
-        steps: DP-SGD steps taken in this call.
-        sigma: noise multiplier σ used.
-        sample_rate: Poisson sampling rate q.
-        epsilon: total ε this client has spent so far (all calls), at ``delta``.
-        delta: δ of the accountant.
-        mean_loss: mean training loss of the call (non-private diagnostic; keep local).
-        history: per-step records (step, loss) and per-epoch records (epoch, epsilon).
-    """
-
-    examples: int
-    steps: int
-    sigma: float
-    sample_rate: float
-    epsilon: float
-    delta: float
-    mean_loss: float
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainResult(DPRunStats):
-    """What :func:`train_lora` returns: ``adapter``, the trained adapter tensors (peft
-    state-dict keys, on CPU), and the :class:`DPRunStats` fields."""
-
-    adapter: dict[str, torch.Tensor]
-
-
-def encode_silo(ldm: LatentDiffusion, imageset: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (frozen public encoder, posterior mean) and labels of a silo; run once."""
-    n_cls = ldm.spec.num_classes
-    if len(imageset) == 0:
-        raise DataError(f"{imageset.source}: the silo holds no images; nothing to train on "
-                        "(check the data path and that the class folders are not empty)")
-    if int(imageset.labels.max()) >= n_cls:
-        raise DataError(f"{imageset.source}: label {int(imageset.labels.max())} is out of range "
-                        f"for the base model's {n_cls} classes {list(ldm.spec.class_names)}")
-    if tuple(imageset.class_names[:n_cls]) != tuple(ldm.spec.class_names[:len(imageset.class_names)]):
-        log.warning("silo class names %s differ from the base model's %s; labels are matched "
-                    "by index", imageset.class_names, ldm.spec.class_names)
-    x = to_model_tensor(imageset, ldm.spec.image_size, ldm.spec.channels)
-    ldm.vae.requires_grad_(False)
-    return ldm.encode(x).float().contiguous(), torch.from_numpy(imageset.labels).long()
-
-
-def _plan(n: int, dp: DPConfig, accountant: PersistentAccountant,
-          loader: DataLoader) -> tuple[float, int, float]:
-    """(sample rate, steps of this call, σ), after checking the accountant matches."""
-    if accountant.kind != dp.accountant or accountant.delta != dp.delta:
-        raise ConfigError(f"DPConfig asks for accountant={dp.accountant}, delta={dp.delta:g} but "
-                          f"the client's ledger {accountant.path} uses {accountant.kind}, "
-                          f"delta={accountant.delta:g}; they must agree")
-    q = 1.0 / len(loader)
-    steps = dp.epochs * len(loader)
-    planned = dp.planned_steps if dp.planned_steps is not None else steps
-    if planned < steps:
-        raise ConfigError(f"planned_steps={planned} is fewer than this call's {steps} steps "
-                          f"({dp.epochs} epoch(s) x {len(loader)} steps); plan the whole run")
-    if dp.noise_multiplier is not None:
-        sigma = float(dp.noise_multiplier)
-    else:
-        sigma = calibrate_sigma(dp.target_epsilon, dp.delta, q, planned, dp.accountant)
-        log.info("calibrated sigma=%.4f for eps=%g, delta=%g over %d planned steps at q=%.5f",
-                 sigma, dp.target_epsilon, dp.delta, planned, q)
-    return q, steps, sigma
-
-
-def check_silo(latents: torch.Tensor, labels: torch.Tensor, dp: DPConfig) -> None:
-    n = int(latents.shape[0])
-    if labels.shape != (n,):
-        raise DataError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    dp.check_dataset(n)
-
-
-def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor, lora: LoraSpec,
-               dp: DPConfig, accountant: PersistentAccountant,
-               init_adapter: dict[str, torch.Tensor] | None = None,
-               progress: bool = True) -> TrainResult:
-    """DP-SGD on LoRA adapters of (a copy of) ``ldm.unet``; ``ldm`` itself is not modified.
-
-    Commits the call's steps to ``accountant`` (durably) before training; raises
-    :class:`~dpfl.shared.errors.BudgetExhausted` if they would exceed its budget.
-    """
-    check_silo(latents, labels, dp)
-    model = wrap_unet(ldm.unet, lora).to(resolve_device(dp.device))
-    if init_adapter is not None:
-        load_adapter_state(model, init_adapter)
-    stats = dp_sgd(ldm, model, latents, labels, dp, accountant, progress, "DP-LoRA")
-    return TrainResult(adapter=adapter_state(model), **stats)
-
-
-def dp_sgd(ldm: LatentDiffusion, model: torch.nn.Module, latents: torch.Tensor,
-           labels: torch.Tensor, dp: DPConfig, accountant: PersistentAccountant,
-           progress: bool, label: str,
-           after_step: Callable[[], None] | None = None) -> dict[str, Any]:
-    """The one DP-SGD code path of every mode: trains, in place, the parameters of ``model``
-    (already on its device) that require grad; ``after_step`` runs after each logical step's
-    update (e.g. an EMA). Commits the steps to ``accountant`` before the first one and checks
-    that Opacus took exactly that many. Returns the :class:`DPRunStats` fields."""
-    n = int(latents.shape[0])
-    dev = next(model.parameters()).device
-    model.train()
-    n_train = trainable_count(model)
-    # Poisson sampling must be secret too (amplification by subsampling assumes nobody knows
-    # which examples were drawn): seed it from OS entropy, never from the recorded seed.
-    data_gen = torch.Generator().manual_seed(secrets.randbits(63))
-    loader = DataLoader(TensorDataset(latents.float(), labels.long()), batch_size=dp.batch_size,
-                        generator=data_gen)
-    q, steps, sigma = _plan(n, dp, accountant, loader)
-    prior = list(accountant.history)
-    accountant.commit(sigma, q, steps)  # durable before any step is taken
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=dp.lr)
-    engine, gsm, opt, dl = make_private(model, optimizer, loader, dp, sigma, dev)
-    log.info("%s: n=%d, %d trainable parameters, q=%.5f (expected batch %d), sigma=%.4f, "
-             "C=%g, K=%d, %d steps", label, n, n_train, q, opt.expected_batch_size, sigma,
-             dp.clip, dp.noise_multiplicity, steps)
-
-    def epsilon_at(done: int) -> float:
-        return epsilon_of(prior + [(sigma, q, done)], accountant.delta, accountant.kind)
-
-    history = _run(ldm, gsm, opt, dl, dp, steps, progress, epsilon_at, label, after_step)
-    taken = sum(h[2] for h in engine.accountant.history)
-    if taken != steps:
-        raise StateError(f"Opacus took {taken} steps but {steps} were committed to the ledger; "
-                         "refusing to return the trained weights")
-    losses = [h["loss"] for h in history if "loss" in h and math.isfinite(h["loss"])]
-    return dict(examples=n, steps=steps, sigma=sigma, sample_rate=q,
-                epsilon=accountant.epsilon(), delta=accountant.delta,
-                mean_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
-                history=history)
+def _check_loader(dl: DataLoader, q: float, per_epoch: int) -> None:
+    """Refuse, before anything is committed, when Opacus' loader would sample at another
+    rate or take another number of steps than σ was calibrated for."""
+    rate = getattr(dl, "sample_rate", None)
+    if rate != q or len(dl) != per_epoch:
+        raise StateError(f"Opacus' Poisson loader samples at q={rate} for {len(dl)} steps per "
+                         f"epoch, but q={q} and {per_epoch} steps were planned "
+                         "(dpfl.shared.privacy.poisson); nothing was committed or trained")
 
 
 def _run(ldm: LatentDiffusion, gsm, opt: DPOptimizer, dl: DataLoader, dp: DPConfig, steps: int,
          progress: bool, epsilon_at: Callable[[int], float], label: str,
          after_step: Callable[[], None] | None) -> list[dict[str, Any]]:
+    """The training loop: ``dp.epochs`` passes of the Poisson loader, split into physical
+    batches; returns per-step (loss) and per-epoch (ε) records."""
     dev = next(gsm.parameters()).device
     draw_gen = torch.Generator().manual_seed(dp.seed + 1)
     done: list[int] = []

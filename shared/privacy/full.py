@@ -13,11 +13,12 @@ and of training only adapters, not of the public autoencoder.) On the base model
 The DP-SGD is the same code path as DP-LoRA (:func:`dpfl.shared.privacy.dpsgd.dp_sgd`): Poisson
 sampling and Gaussian noise from OS entropy, K (timestep, noise) draws averaged per example
 before the single per-example clip, the durable ledger committed before any step, and the
-check that Opacus took exactly the committed steps. Every layer of diffusers'
-``UNet2DModel`` has an Opacus grad sampler (Conv2d, Linear, GroupNorm, Embedding;
-attention is Linear + GroupNorm), so the per-sample gradients come from hooks mode with no
-functorch fallback. Full training reaches most convs behind attention blocks, so every conv
-input is made contiguous (the Opacus channels_last trap; see :mod:`dpfl.shared.ldm.lora`).
+checks that Opacus' loader and Opacus' own count agree with the committed steps. Every
+layer of diffusers' ``UNet2DModel`` has an Opacus grad sampler (Conv2d, Linear, GroupNorm,
+Embedding; attention is Linear + GroupNorm), so the per-sample gradients come from hooks
+mode with no functorch fallback. Full training reaches most convs behind attention blocks,
+so every conv input is made contiguous (the Opacus channels_last trap; see
+:mod:`dpfl.shared.ldm.lora`).
 
 Cost: Opacus keeps one gradient per row and parameter, about ``max_physical_batch * K *
 parameters * 4`` bytes, then clips and noises all of them: the fmnist UNet has 4.6M
@@ -72,7 +73,7 @@ def train_full(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor
         ldm: its UNet is the starting point (a :func:`~dpfl.shared.ldm.models.fresh_unet` for
             the from-scratch baseline); its scheduler and null class define the loss.
         latents, labels: the silo, encoded by the public autoencoder
-            (:func:`dpfl.shared.privacy.dpsgd.encode_silo`).
+            (:func:`dpfl.shared.data.encode.encode_silo`).
         dp: DP-SGD settings (σ calibration, C, K, batch sizes, lr, epochs...).
         accountant: the client's durable ledger.
         ema_decay: decay of an exponential moving average of the weights (with warm-up, as

@@ -2,10 +2,13 @@
 
 :func:`write_report` reads a run directory (federated: ``ledger.json``, ``metrics.jsonl``,
 ``samples_round_NNN.png``, ``adapter/privacy.json``; central: ``metrics.jsonl``,
-``accountant.json``, ``samples_before/after.png``; either: ``config.json`` and an optional
-``evaluation.json``) and writes ``RUN_DIR/report/``: ``report.md`` with its PNGs beside it
-and ``report.html`` with every image embedded (one file to mail). Nothing is taken from a
-live process, so a report can be re-rendered any time, also for a crashed or resumed run.
+``accountant.json``, ``adapter/privacy.json`` or ``model/privacy.json``,
+``samples_before/after.png``; either: ``config.json`` and an optional ``evaluation.json``;
+every ``privacy.json`` through its one reader,
+:meth:`~dpfl.shared.privacy.guarantee.PrivacyGuarantee.from_file`) and writes
+``RUN_DIR/report/``: ``report.md`` with its PNGs beside it and ``report.html`` with every
+image embedded (one file to mail). Nothing is taken from a live process, so a report can
+be re-rendered any time, also for a crashed or resumed run.
 
 A file the report needs that is corrupt raises :class:`~dpfl.shared.errors.StateError`
 naming it; a missing optional file is stated in the report. Callers at the end of a run

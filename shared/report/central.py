@@ -3,7 +3,9 @@
 Read from disk only: ``metrics.jsonl`` (a line per DP step with the loss, per epoch with ε,
 and a final line per run; a rerun in the same directory appends a new run whose steps count
 from 1 again), the client's accountant state (the authority on ε: the curve is recomputed
-by Opacus from its (σ, q, steps) history) and ``samples_before.png`` / ``samples_after.png``.
+by Opacus from its (σ, q, steps) history), the ``privacy.json`` the trained adapter or model
+carries (``adapter/`` or ``model/``, checked against the accountant) and
+``samples_before.png`` / ``samples_after.png``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dpfl.shared.errors import ConfigError, StateError
 from dpfl.shared.privacy.accountant import PersistentAccountant, epsilon_of
+from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 from dpfl.shared.report.render import Doc, Plot, Series
 
 CURVE_POINTS = 30
@@ -107,6 +111,30 @@ def _guarantee(doc: Doc, acc: PersistentAccountant | None, cfg: dict[str, Any],
               [[float(s), float(q), int(n)] for s, q, n in acc.history])
 
 
+def _released(doc: Doc, run_dir: Path, cfg: dict[str, Any], acc: PersistentAccountant) -> None:
+    """Whether the trained adapter's (or model's) ``privacy.json`` states the accountant's
+    guarantee, or lags behind it (a run committed to the ledger but did not finish)."""
+    rel = "model/privacy.json" if trains_whole_unet(cfg) else "adapter/privacy.json"
+    if not (run_dir / rel).exists():
+        doc.p(f"No {rel}: no run has finished here (or an older dpfl wrote this run); the "
+              "accountant above is the authority.", note=True)
+        return
+    try:
+        stated = PrivacyGuarantee.from_file(run_dir / rel)
+    except ConfigError as exc:
+        raise StateError(f"the trained part's privacy record is unreadable: {exc}") from exc
+    eps = acc.epsilon()
+    if stated.steps == acc.steps and stated.epsilon is not None \
+            and math.isclose(stated.epsilon, eps):
+        part = trained_part(cfg)[0]
+        doc.p(f"{part[:1].upper()}{part[1:]} carries this guarantee ({rel}).")
+    else:
+        doc.p(f"{rel} states ε = {stated.epsilon} after {stated.steps} step(s), but the "
+              f"accountant holds ε = {eps:.4f} after {acc.steps}: the ledger is ahead of "
+              "what was released (steps were committed but the run did not finish); the "
+              "accountant's value is the one to state.", note=True)
+
+
 def _runs_table(doc: Doc, finals: list[dict[str, Any]]) -> None:
     doc.table(["run", "steps", "σ", "q", "ε after", "δ", "mean loss"],
               [[i + 1, f.get("steps"), f.get("sigma"), f.get("sample_rate"), f.get("epsilon"),
@@ -120,6 +148,8 @@ def central_sections(doc: Doc, run_dir: Path, cfg: dict[str, Any],
     acc = PersistentAccountant.load(path) if path.exists() else None  # StateError names it
     loss, eps_logged, finals = split_runs(records)
     _guarantee(doc, acc, cfg, finals, path)
+    if acc is not None:
+        _released(doc, run_dir, cfg, acc)
     _runs_table(doc, finals)
     doc.h("Privacy spend over steps")
     series = [eps_logged] if eps_logged.x else []
