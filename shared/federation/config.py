@@ -66,7 +66,8 @@ class RoundPlan:
 
     Attributes:
         num_rounds: planned rounds of the whole run (sites calibrate sigma for all of them).
-        local_epochs: local epochs per round (>= 1; steps per epoch = ceil(n / batch_size)).
+        local_epochs: local epochs per round (>= 1; steps per epoch: what Opacus' Poisson
+            loader takes, :func:`dpfl.shared.privacy.poisson.steps_per_epoch`).
         batch_size: expected logical batch size of DP-SGD (>= 1).
         noise_multiplicity: K (timestep, noise) draws per example (DPDM), >= 1.
         clip: per-example clipping norm C (> 0).
