@@ -61,7 +61,8 @@ def row_losses(unet: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor, y: t
 
 def example_losses(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
                    labels: torch.Tensor, k: int = 1, null_class: int | None = None,
-                   cond_drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                   cond_drop: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example loss ``(B,)``: the mean of K (timestep, noise) draws for each example."""
     noisy, t, y, target = expand_draws(latents, labels, scheduler, k, null_class, cond_drop,
                                        generator)
