@@ -36,6 +36,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from dpfl.server.rounds import GlobalCheckpoint
 from dpfl.server.strategy import AdapterFedAvg, site_report
 from dpfl.shared.federation.config import RoundPlan
 from dpfl.shared.federation.ledger import PrivacyLedger
+from dpfl.shared.federation.protocol import ARRAYS, METRICS, SITE, SITE_ID, SiteReport
 from dpfl.shared.ldm.lora import adapter_state, spec_for_plan, wrap_unet
 from dpfl.shared.ldm.models import build_ldm, load_ldm
 
@@ -80,19 +82,18 @@ class FakeGrid:
         return self.nodes
 
 
-def site_metrics(i: int) -> dict:
-    """What a site reports (see ``dpfl.client.site.Site._metrics``)."""
-    return {"num-examples": 1500 + i, "epsilon": 6.7, "delta": 1e-5, "budget": 10.0,
-            "sigma": 0.8167, "sample-rate": 0.111, "steps": 18 * 3, "trained": 1,
-            "exhausted": 0}
+def site_report_of(i: int) -> SiteReport:
+    """What site i reports after a round (an fmnist-sized silo, three rounds in)."""
+    return SiteReport(site=f"site-{i}", epsilon=6.7, delta=1e-5, budget=10.0, sigma=0.8167,
+                      sample_rate=0.111, steps=18 * 3, examples=1500 + i)
 
 
 def reply_bytes(adapter: dict[str, np.ndarray], i: int, rng: np.random.Generator) -> bytes:
     """Wire bytes of site i's reply: its DP-trained adapter and its privacy scalars."""
     update = {k: (v + rng.normal(0, 1e-3, v.shape)).astype(v.dtype) for k, v in adapter.items()}
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
-                          "metrics": MetricRecord(site_metrics(i)),
-                          "site": ConfigRecord({"site-id": f"site-{i}"})})
+    content = RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}),
+                          METRICS: MetricRecord(site_report_of(i).to_metrics()),
+                          SITE: ConfigRecord({SITE_ID: f"site-{i}"})})
     msg = Message(content=content, dst_node_id=0, message_type="train")
     return message_to_proto(msg).SerializeToString()
 
@@ -151,14 +152,14 @@ def fill_ledger(ledger: PrivacyLedger, rounds: int, m: int) -> None:
     """``rounds`` earlier rounds of M sites (the ledger is rewritten whole every round)."""
     for r in range(1, rounds + 1):
         ledger.rounds.append({"round": r, "rerun": False, "rejected": {},
-                              "sites": {f"site-{i}": {"site": f"site-{i}", "epsilon": 6.7,
-                                                      **site_metrics(i)} for i in range(m)},
+                              "sites": {f"site-{i}": asdict(site_report_of(i))
+                                        for i in range(m)},
                               "global_epsilon": 6.7, "global_delta": 1e-5})
 
 
 def bench_m(m: int, adapter, plan, wire, history: int, repeats: int, folder: Path) -> dict:
     runs = []
-    for rep in range(repeats):
+    for _ in range(repeats):
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             ledger = PrivacyLedger(Path(tmp) / "ledger.json")
             fill_ledger(ledger, history, m)

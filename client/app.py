@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from dpfl.client.secagg import FITINS, secagg_mod, secure_train
 from dpfl.client.site import Site
 from dpfl.shared.federation.config import RoundPlan, SiteConfig
+from dpfl.shared.federation.protocol import ARRAYS, CONFIG, METRICS, SITE, SITE_ID
 
 _CACHE_SIZE = 4  # sites kept warm per process: memory is bounded by concurrency, not by N
 
@@ -48,13 +49,13 @@ def make_client_app(sites: Sequence[SiteConfig] | None = None, mods: list | None
         site = site_for(context)
         if FITINS in msg.content.array_records:  # a SecAgg+ round (legacy FitIns records)
             return secure_train(site, msg)
-        plan = RoundPlan.from_record(dict(msg.content["config"]))
-        adapter = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        plan = RoundPlan.from_record(dict(msg.content.config_records[CONFIG]))
+        adapter = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
         update, metrics = site.train_round(plan, adapter)
-        content = RecordDict({"metrics": MetricRecord(metrics),
-                              "site": ConfigRecord({"site-id": site.cfg.site_id})})
+        content = RecordDict({METRICS: MetricRecord(metrics),
+                              SITE: ConfigRecord({SITE_ID: site.cfg.site_id})})
         if update is not None:
-            content["arrays"] = ArrayRecord({k: Array(v) for k, v in update.items()})
+            content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in update.items()})
         return Message(content=content, reply_to=msg)
 
     return app

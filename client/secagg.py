@@ -3,11 +3,13 @@ Aggregation with (Poly)Logarithmic Overhead", CCS 2020), with Flower's ``secaggp
 
 Under SecAgg+ the coordinator only ever sees the *masked sum* of the sites' adapters, so it
 can no longer check a single update. What it used to check, the site checks on its own
-update before masking it (:func:`self_check`): finite values, every value within the range
-SecAgg+ quantises without clipping, and (when the run sets ``max-update-norm``) the distance
-from the global adapter. An update that fails is *withheld*: the site still takes part in the
-protocol with weight 0 and a zero vector (so the other sites' masks cancel and its privacy
-spend, already incurred, reaches the coordinator's ledger) and says why in its ``site`` record.
+update before masking it, with the protocol's one update check
+(:func:`dpfl.shared.federation.protocol.check_update`): keys and shapes, finite values, every
+value within the range SecAgg+ quantises without clipping, and the distance from the global
+adapter (``max-update-norm`` when the run sets it). An update that fails is *withheld*: the
+site still takes part in the protocol with weight 0 and a zero vector (so the other sites'
+masks cancel and its privacy spend, already incurred, reaches the coordinator's ledger) and
+says why in its ``site`` record.
 
 The protocol messages (``secaggplus_configs``) are Flower's legacy ``FitIns``/``FitRes``
 records; :func:`secure_train` translates them to and from :meth:`Site.train_round`.
@@ -30,12 +32,21 @@ from flwr.compat.common import recorddict_compat as compat
 from dpfl.client.site import Site
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import RoundPlan
+from dpfl.shared.federation.protocol import (
+    METRICS,
+    NUM_EXAMPLES,
+    SECAGG_ADAPTER_KEYS,
+    SECAGG_CLIP_RANGE,
+    SECAGG_MAX_NORM,
+    SECAGG_MAX_WEIGHT,
+    SITE,
+    SITE_ID,
+    WITHHELD,
+    check_update,
+)
 from dpfl.shared.ldm.lora import travelling_keys
 
 FITINS = "fitins.parameters"  # the legacy record a SecAgg+ training message carries
-# keys of the coordinator's fitins config that are not part of the RoundPlan
-KEYS, MAX_WEIGHT, CLIP_RANGE, MAX_NORM = ("dpfl-adapter-keys", "dpfl-secagg-max-weight",
-                                          "dpfl-secagg-clip-range", "dpfl-max-update-norm")
 
 
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
@@ -43,28 +54,6 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
-
-
-def self_check(update: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-               clip_range: float, max_update_norm: float = math.inf) -> str | None:
-    """Why the site must withhold ``update`` from secure aggregation, or None."""
-    if set(update) != set(reference):
-        return "update keys differ from the global adapter's"
-    sq = 0.0
-    for key, ref in reference.items():
-        arr = update[key].astype(np.float64)
-        if arr.shape != ref.shape:
-            return f"tensor {key} has shape {arr.shape}, expected {ref.shape}"
-        if not np.isfinite(arr).all():
-            return f"tensor {key} holds non-finite values (NaN or inf)"
-        peak = float(np.abs(arr).max(initial=0.0))
-        if peak > clip_range:
-            return (f"tensor {key} holds |value| {peak:.3g} beyond the SecAgg+ range "
-                    f"{clip_range:g} (it would be clipped silently)")
-        sq += float(np.sum((arr - ref.astype(np.float64)) ** 2))
-    if math.sqrt(sq) > max_update_norm:
-        return f"update norm {math.sqrt(sq):.3g} exceeds the bound {max_update_norm:.3g}"
-    return None
 
 
 def _fitres(update: list[np.ndarray], weight: int, metrics: dict[str, Any], site_record: dict
@@ -77,17 +66,18 @@ def _fitres(update: list[np.ndarray], weight: int, metrics: dict[str, Any], site
         "fitres.num_examples": MetricRecord({"num_examples": weight}),
         "fitres.metrics": ConfigRecord({}),
         "fitres.status": ConfigRecord({"code": 0, "message": "ok"}),
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord(site_record)})
+        METRICS: MetricRecord(metrics),
+        SITE: ConfigRecord(site_record)})
     return content
 
 
 def secure_train(site: Site, msg: Message) -> Message:
     """One round at ``site`` under SecAgg+: train, check the own update, reply for masking."""
-    config = dict(msg.content.config_records["fitins.config"])
-    keys = str(config.pop(KEYS)).split("\n")
-    max_weight, clip_range = float(config.pop(MAX_WEIGHT)), float(config.pop(CLIP_RANGE))
-    max_norm = float(config.pop(MAX_NORM)) or math.inf
+    config: dict[str, Any] = dict(msg.content.config_records["fitins.config"])
+    keys = str(config.pop(SECAGG_ADAPTER_KEYS)).split("\n")
+    max_weight = float(config.pop(SECAGG_MAX_WEIGHT))
+    clip_range = float(config.pop(SECAGG_CLIP_RANGE))
+    max_norm = float(config.pop(SECAGG_MAX_NORM)) or math.inf
     arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(
         msg.content.array_records[FITINS], keep_input=True))
     if len(arrays) != len(keys):
@@ -100,13 +90,14 @@ def secure_train(site: Site, msg: Message) -> Message:
                           f"secagg-max-weight {max_weight:g}; raise secagg-max-weight to at "
                           "least the largest site's example count")
     update, metrics = site.train_round(plan, adapter)
-    record: dict[str, Any] = {"site-id": site.cfg.site_id}
+    record: dict[str, Any] = {SITE_ID: site.cfg.site_id}
     reference = {k: adapter[k] for k in travelling_keys(adapter, plan.ffa)}
-    reason = None if update is None else self_check(update, reference, clip_range, max_norm)
+    reason = None if update is None else check_update(
+        update, reference, max_update_norm=max_norm, same_dtype=False, value_range=clip_range)
     if update is None or reason is not None:
         if reason is not None:
-            record["withheld"] = reason
+            record[WITHHELD] = reason
         vector, weight = [np.zeros_like(v) for v in reference.values()], 0
     else:
-        vector, weight = [update[k] for k in reference], int(metrics["num-examples"])
+        vector, weight = [update[k] for k in reference], int(metrics[NUM_EXAMPLES])
     return Message(content=_fitres(vector, weight, metrics, record), reply_to=msg)

@@ -14,7 +14,6 @@ would give no privacy.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from dpfl.shared.data.encode import encode_silo
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import BudgetExhausted, DataError, IncompatibleAdapter, ModelError
 from dpfl.shared.federation.config import RoundPlan, SiteConfig
+from dpfl.shared.federation.protocol import SiteReport
 from dpfl.shared.io import atomic_write_bytes, ensure_dir
 from dpfl.shared.ldm.lora import spec_for_plan, travelling_keys
 from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import DPConfig, encode_silo, train_lora
+from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
+from dpfl.shared.privacy.poisson import dp_steps
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +119,14 @@ class Site:
                                          budget=self.cfg.epsilon_budget)
 
     def dp_config(self, plan: RoundPlan, n: int) -> DPConfig:
-        steps_per_round = plan.local_epochs * math.ceil(n / min(plan.batch_size, n))
+        """DP-SGD settings of a round; σ is calibrated for every round of the plan, each
+        taking the steps Opacus' Poisson loader takes (the rule training commits)."""
+        batch = min(plan.batch_size, n)
+        steps_per_round = dp_steps(n, batch, plan.local_epochs)
         return DPConfig(
             clip=plan.clip, target_epsilon=min(plan.target_epsilon, self.cfg.epsilon_budget),
             delta=self.cfg.delta, accountant=self.cfg.accountant,
-            batch_size=min(plan.batch_size, n), max_physical_batch=self.cfg.max_physical_batch,
+            batch_size=batch, max_physical_batch=self.cfg.max_physical_batch,
             noise_multiplicity=plan.noise_multiplicity, lr=plan.lr, epochs=plan.local_epochs,
             planned_steps=plan.num_rounds * steps_per_round, secure_mode=self.cfg.secure_mode,
             seed=secrets.randbits(63), device=self.cfg.device)
@@ -129,10 +134,11 @@ class Site:
     def _metrics(self, acc: PersistentAccountant, n: int, sigma: float, q: float,
                  trained: bool, exhausted: bool) -> dict[str, Any]:
         """Scalars that may leave the site: privacy bookkeeping and the silo size (the FedAvg
-        weight). The training loss is a non-private statistic of the silo and stays here."""
-        return {"num-examples": n, "epsilon": acc.epsilon(), "delta": acc.delta,
-                "budget": acc.budget, "sigma": sigma, "sample-rate": q, "steps": acc.steps,
-                "trained": int(trained), "exhausted": int(exhausted)}
+        weight), as the protocol's :class:`SiteReport`. The training loss is a non-private
+        statistic of the silo and stays here."""
+        return SiteReport(site=self.cfg.site_id, epsilon=acc.epsilon(), delta=acc.delta,
+                          budget=acc.budget, sigma=sigma, sample_rate=q, steps=acc.steps,
+                          examples=n, exhausted=exhausted, trained=trained).to_metrics()
 
     def train_round(self, plan: RoundPlan, global_adapter: dict[str, np.ndarray]
                     ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
@@ -157,8 +163,9 @@ class Site:
         except BudgetExhausted:
             exhausted = True
         update = {k: res.adapter[k].numpy() for k in travelling_keys(res.adapter, plan.ffa)}
-        log.info("site %s: trained %d steps, epsilon %.3f of %g%s", self.cfg.site_id, res.steps,
-                 res.epsilon, acc.budget, " (budget exhausted after this round)" if exhausted else "")
+        log.info("site %s: trained %d steps, epsilon %.3f of %g%s", self.cfg.site_id,
+                 res.steps, res.epsilon, acc.budget,
+                 " (budget exhausted after this round)" if exhausted else "")
         self._log_local(res)
         return update, self._metrics(acc, res.examples, res.sigma, res.sample_rate, True,
                                      exhausted)

@@ -1,9 +1,9 @@
 """Optional client-level DP on the coordinator: DP-FedAvg with fixed clipping.
 
-Record-level DP (each site's DP-SGD, see :mod:`dpfl.shared.privacy.dpsgd`) protects every image. Client-
-level DP (McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR
-2018) protects a whole site's participation: the coordinator clips each site's update to an
-L2 norm ``S``, averages with *equal* weights over the ``m`` sites it sampled (a fixed
+Record-level DP (each site's DP-SGD, see :mod:`dpfl.shared.privacy.dpsgd`) protects every
+image. Client-level DP (McMahan et al., "Learning Differentially Private Recurrent Language
+Models", ICLR 2018) protects a whole site's participation: the coordinator clips each site's
+update to an L2 norm ``S``, averages with *equal* weights over the ``m`` sites it sampled (a fixed
 denominator: a site that fails or is rejected counts as a zero update, so who answered does
 not change the sensitivity), and adds Gaussian noise of standard deviation ``z * S / m``.
 

@@ -8,13 +8,17 @@ Order within a round is what makes the privacy record trustworthy:
 4. write the privacy ledger durably (every site that reported spend, accepted or not);
 5. only then aggregate, checkpoint and release the new global adapter.
 
+Steps 2-4 and the aggregation are one :class:`~dpfl.server.strategy.Round`, plain
+(:class:`PlainRound`) or secure (:class:`~dpfl.server.secagg.SecureRound`), each returning a
+:class:`~dpfl.server.strategy.RoundOutcome`; the loop itself reads sample -> round ->
+checkpoint -> log -> grid.
+
 A restarted coordinator resumes after the last checkpointed round; the ledger, which may be
 one round ahead of the checkpoint, is never rewound.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
@@ -31,17 +35,18 @@ from dpfl.server.clientdp import ClientLevelDP
 from dpfl.server.runlock import RunLock
 from dpfl.server.secagg import SecureRound
 from dpfl.server.strategy import (
-    ARRAYS,
-    SITE,
     AdapterFedAvg,
+    NodeSites,
+    Round,
+    RoundOutcome,
     current_replies,
-    reply_site,
     site_report,
 )
 from dpfl.shared.errors import StateError
 from dpfl.shared.federation.config import FedConfig, RoundPlan
 from dpfl.shared.federation.ledger import PrivacyLedger
-from dpfl.shared.io import atomic_write_bytes, atomic_write_json
+from dpfl.shared.federation.protocol import ARRAYS
+from dpfl.shared.io import atomic_write_bytes
 from dpfl.shared.ldm.lora import (
     adapter_state,
     load_adapter_state,
@@ -52,6 +57,7 @@ from dpfl.shared.ldm.lora import (
 )
 from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
 from dpfl.shared.ldm.sampling import class_grid
+from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 from dpfl.shared.report.build import try_write_report
 from dpfl.shared.rundir import RunDir
 
@@ -59,29 +65,31 @@ log = logging.getLogger(__name__)
 
 
 class GlobalCheckpoint:
-    """The last released global adapter and its round, written atomically."""
+    """The last released global adapter, its round in the weights file's own metadata: one
+    atomic rename replaces both together, so a crash can never pair one round's weights
+    with another round's number."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.weights, self.meta = folder / "adapter.safetensors", folder / "checkpoint.json"
+        self.weights = folder / "adapter.safetensors"
 
     def load(self) -> tuple[int, dict[str, np.ndarray]] | None:
         if not self.weights.exists():
             return None
-        try:  # the round inside the weights file: one rename replaced both together
+        try:
             with safe_open(str(self.weights), "np") as f:
                 stored = (f.metadata() or {}).get("round")
-            if stored is None:  # written before the round moved into the weights file
-                stored = json.loads(self.meta.read_text())["round"]
+            if stored is None:
+                raise ValueError("its metadata holds no round")
             weights = load_safetensors(self.weights.read_bytes())
-        except (OSError, ValueError, KeyError) as exc:
-            raise StateError(f"global checkpoint in {self.folder} is unreadable: {exc}") from exc
-        return int(stored), weights
+            return int(stored), weights
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise StateError(f"global checkpoint {self.weights} is unreadable ({exc}); "
+                             "restore it from backup") from exc
 
     def save(self, server_round: int, adapter: dict[str, np.ndarray], fingerprint: str) -> None:
         atomic_write_bytes(self.weights, save_safetensors(adapter, metadata={
             "round": str(server_round), "base_fingerprint": fingerprint}))
-        atomic_write_json(self.meta, {"round": server_round, "base_fingerprint": fingerprint})
 
 
 @dataclass
@@ -113,35 +121,14 @@ class Federation:
             return saved
         return 0, {k: v.numpy() for k, v in adapter_state(self.model).items()}
 
-    def sample_grid(self, adapter: dict[str, np.ndarray], name: str, title: str) -> Path:
+    def load_into_model(self, adapter: dict[str, np.ndarray]) -> None:
         load_adapter_state(self.model, {k: torch.from_numpy(v.copy()) for k, v in adapter.items()})
+
+    def sample_grid(self, adapter: dict[str, np.ndarray], name: str, title: str) -> Path:
+        self.load_into_model(adapter)
         ldm = LatentDiffusion(self.base.vae, self.model, self.base.scheduler, self.base.spec)
         return class_grid(ldm, self.run / name, per_class=6, steps=self.cfg.sample_steps,
                           seed=self.plan.seed, title=title)
-
-
-class NodeSites:
-    """Which site each Flower node id answered as, kept on disk so that a restarted
-    coordinator does not ask an exhausted site again."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.map: dict[int, str] = {}
-        if path.exists():
-            try:
-                self.map = {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
-            except (OSError, ValueError) as exc:
-                log.warning("ignoring unreadable %s (%s); sites re-identify on reply", path, exc)
-
-    def get(self, node: int, default: str = "") -> str:
-        return self.map.get(node, default)
-
-    def update(self, replies: list[Message]) -> None:
-        new = {m.metadata.src_node_id: reply_site(m) for m in replies
-               if not m.has_error() and SITE in m.content.config_records}
-        if any(self.map.get(n) != s for n, s in new.items()):
-            self.map.update(new)
-            atomic_write_json(self.path, {str(k): v for k, v in sorted(self.map.items())})
 
 
 def client_level_dp(cfg: FedConfig, run: RunDir) -> ClientLevelDP | None:
@@ -152,6 +139,108 @@ def client_level_dp(cfg: FedConfig, run: RunDir) -> ClientLevelDP | None:
                          budget=cfg.client_dp_epsilon)
 
 
+class PlainRound:
+    """One round without SecAgg+ (a :class:`~dpfl.server.strategy.Round`): every reply is
+    seen and checked on its own, the spend recorded, then the valid updates averaged
+    (Flower's FedAvg, or DP-FedAvg when client-level DP is on)."""
+
+    def __init__(self, grid: Grid, cfg: FedConfig, ledger: PrivacyLedger, node_site: NodeSites,
+                 strategy: AdapterFedAvg, cdp: ClientLevelDP | None):
+        self.grid, self.cfg, self.ledger, self.node_site = grid, cfg, ledger, node_site
+        self.strategy, self.cdp = strategy, cdp
+
+    def run(self, rnd: int, adapter: dict[str, np.ndarray], msgs: list[Message]
+            ) -> RoundOutcome:
+        cfg = self.cfg
+        replies = list(self.grid.send_and_receive(msgs, timeout=cfg.round_timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        replies = current_replies(rnd, replies, sent_to)  # a straggler's: dropped
+        self.node_site.update(replies)
+        reference = {k: adapter[k] for k in travelling_keys(adapter, cfg.ffa)}
+        reports = [r for r in map(site_report, replies) if r is not None]
+        ok, rejected = self.strategy.split_replies(rnd, replies, reference, self.node_site.map,
+                                                   sent_to, reported={r.site for r in reports})
+        if len(msgs) > len(replies):
+            rejected[f"<{len(msgs) - len(replies)} unanswered>"] = (
+                f"no reply within {cfg.round_timeout}s")
+        # both privacy records are durable before anything derived from the round exists
+        client_level = self.cdp.commit_release().to_json() if self.cdp is not None else None
+        entry = self.ledger.record_round(rnd, reports, rejected, client_level)
+        new = self._aggregate(rnd, adapter, reference, ok, sampled=len(msgs))
+        return RoundOutcome(new, len(ok), rejected, entry, client_level)
+
+    def _aggregate(self, rnd: int, adapter: dict[str, np.ndarray],
+                   reference: dict[str, np.ndarray], ok: list[Message], sampled: int
+                   ) -> dict[str, np.ndarray]:
+        """The new global adapter from the accepted replies (the spend is on record)."""
+        if len(ok) < self.cfg.min_replies:
+            log.warning("round %d: %d accepted update(s), min-replies is %d; the global "
+                        "adapter stays as it was (the sites' spend is on record)", rnd,
+                        len(ok), self.cfg.min_replies)
+            return adapter
+        if self.cdp is not None:  # equal weights, fixed denominator: every sampled site counts
+            updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
+                       for m in ok]
+            return {**adapter, **self.cdp.aggregate(reference, updates, sampled=sampled)}
+        agg, _ = self.strategy.aggregate_valid(rnd, ok)
+        if agg is None:
+            return adapter
+        return {**adapter, **{k: v.numpy() for k, v in agg.items()}}
+
+
+def make_strategy(cfg: FedConfig, ledger: PrivacyLedger, node_site: NodeSites, done: int
+                  ) -> AdapterFedAvg:
+    """The sampling strategy: never an exhausted site; seeded by the round it resumes at."""
+    return AdapterFedAvg(
+        excluded=lambda n: ledger.exhausted(node_site.get(n, "")),
+        sample_seed=cfg.seed + done, max_update_norm=cfg.update_bound,
+        fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
+        min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes)
+
+
+def make_round(grid: Grid, fed: Federation, node_site: NodeSites, strategy: AdapterFedAvg,
+               cdp: ClientLevelDP | None) -> Round:
+    """The run's kind of round: SecAgg+ (only the masked sum is seen; see
+    :mod:`dpfl.server.secagg`) or plain."""
+    if fed.cfg.secagg:
+        return SecureRound(grid, fed.cfg, fed.plan, fed.ledger, node_site)
+    return PlainRound(grid, fed.cfg, fed.ledger, node_site, strategy, cdp)
+
+
+def sample(strategy: AdapterFedAvg, grid: Grid, fed: Federation, rnd: int,
+           adapter: dict[str, np.ndarray], cdp: ClientLevelDP | None) -> list[Message]:
+    """The round's instructions to the sampled sites; none (and why, logged) when the run
+    must stop: one more round would exceed the client-level budget, or no site can train."""
+    if cdp is not None and not cdp.can_release():
+        log.warning("round %d: one more round would exceed the client-level budget "
+                    "(epsilon %g); stopping", rnd, fed.cfg.client_dp_epsilon)
+        return []
+    msgs = list(strategy.configure_train(
+        rnd, ArrayRecord({k: Array(v) for k, v in adapter.items()}),
+        ConfigRecord(fed.plan.to_record()), grid))
+    if not msgs:
+        log.warning("round %d: no site can train (all exhausted or none connected); "
+                    "stopping", rnd)
+    return msgs
+
+
+def log_round(run: RunDir, rnd: int, outcome: RoundOutcome) -> None:
+    """One line of ``metrics.jsonl`` per released round."""
+    entry, client_level = outcome.entry, outcome.client_level
+    run.log(round=rnd, accepted=outcome.accepted, rejected=dict(outcome.rejected),
+            epsilon={s: v["epsilon"] for s, v in entry["sites"].items()},
+            global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"],
+            **({"client_level_epsilon": client_level["epsilon"]} if client_level else {}))
+
+
+def write_final_adapter(fed: Federation, adapter: dict[str, np.ndarray]) -> None:
+    """The released adapter (``adapter/``) with the guarantee it carries (``privacy.json``)."""
+    fed.load_into_model(adapter)
+    save_adapter(fed.model, fed.run / "adapter")
+    guarantee = PrivacyGuarantee.from_ledger(fed.ledger, fed.plan.base_fingerprint)
+    guarantee.write(fed.run / "adapter" / "privacy.json")
+
+
 def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
     """Run (or resume) the federated rounds; returns the final ledger. Only one coordinator
     may write a run directory at a time (:class:`~dpfl.server.runlock.RunLock`)."""
@@ -160,83 +249,32 @@ def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
 
 
 def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
+    """Sample, round, checkpoint, log, grid; round after round, then the final adapter.
+
+    The privacy order is kept inside ``round_.run``: the ledger (and the client-level
+    accountant) are durable before the round's aggregate exists, so the checkpoint and the
+    log below only ever see an outcome whose spend is on record."""
     fed = Federation.open(cfg)
     fed.run.write_config(cfg, base_fingerprint=fed.plan.base_fingerprint)
     done, adapter = fed.initial_adapter()
     node_site = NodeSites(fed.run / "nodes.json")
     cdp = client_level_dp(cfg, fed.run)
-    strategy = AdapterFedAvg(
-        excluded=lambda n: fed.ledger.exhausted(node_site.get(n, "")),
-        sample_seed=cfg.seed + done, max_update_norm=cfg.update_bound,
-        fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
-        min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes)
-    secure = (SecureRound(fed, grid, node_site, cfg.secagg_threshold, cfg.secagg_max_weight)
-              if cfg.secagg else None)
+    strategy = make_strategy(cfg, fed.ledger, node_site, done)
+    round_ = make_round(grid, fed, node_site, strategy, cdp)
     if done == 0:
         fed.sample_grid(adapter, "samples_round_000.png", "base model (round 0)")
     for rnd in range(done + 1, cfg.num_rounds + 1):
-        if cdp is not None and not cdp.can_release():
-            log.warning("round %d: one more round would exceed the client-level budget "
-                        "(epsilon %g); stopping", rnd, cfg.client_dp_epsilon)
-            break
-        msgs = list(strategy.configure_train(
-            rnd, ArrayRecord({k: Array(v) for k, v in adapter.items()}),
-            ConfigRecord(fed.plan.to_record()), grid))
+        msgs = sample(strategy, grid, fed, rnd, adapter, cdp)
         if not msgs:
-            log.warning("round %d: no site can train (all exhausted or none connected); "
-                        "stopping", rnd)
             break
-        if secure is not None:  # SecAgg+: only the masked sum; see dpfl.server.secagg
-            adapter, accepted, rejected, entry = secure.run(
-                rnd, adapter, travelling_keys(adapter, cfg.ffa),
-                [m.metadata.dst_node_id for m in msgs], cfg.min_replies)
-            client_level = None
-        else:
-            replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout))
-            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-            replies = current_replies(rnd, replies, sent_to)  # a straggler's: dropped
-            node_site.update(replies)
-            keys = travelling_keys(adapter, cfg.ffa)
-            reports = [r for r in map(site_report, replies) if r is not None]
-            ok, rejected = strategy.split_replies(rnd, replies, {k: adapter[k] for k in keys},
-                                                  node_site.map, sent_to,
-                                                  reported={r.site for r in reports})
-            missing = len(msgs) - len(replies)
-            if missing:
-                rejected[f"<{missing} unanswered>"] = f"no reply within {cfg.round_timeout}s"
-            # both privacy records are durable before anything derived from the round exists
-            client_level = cdp.commit_release().to_json() if cdp is not None else None
-            entry = fed.ledger.record_round(rnd, reports, rejected, client_level)
-            if len(ok) < cfg.min_replies:
-                log.warning("round %d: %d accepted update(s), min-replies is %d; the global "
-                            "adapter stays as it was (the sites' spend is on record)", rnd,
-                            len(ok), cfg.min_replies)
-            elif cdp is not None:  # equal weights, fixed denominator: every sampled site counts
-                updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
-                           for m in ok]
-                adapter = {**adapter, **cdp.aggregate({k: adapter[k] for k in keys}, updates,
-                                                      sampled=len(msgs))}
-            else:
-                agg, metrics = strategy.aggregate_valid(rnd, ok)
-                if agg is not None:
-                    adapter = {**adapter, **{k: v.numpy() for k, v in agg.items()}}
-            accepted = len(ok)
+        outcome = round_.run(rnd, adapter, msgs)
+        adapter = outcome.adapter
         fed.checkpoint.save(rnd, adapter, fed.plan.base_fingerprint)
-        fed.run.log(round=rnd, accepted=accepted, rejected=rejected,
-                    epsilon={s: v["epsilon"] for s, v in entry["sites"].items()},
-                    global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"],
-                    **({"client_level_epsilon": client_level["epsilon"]} if client_level else {}))
+        log_round(fed.run, rnd, outcome)
         if cfg.sample_every and rnd % cfg.sample_every == 0:
-            fed.sample_grid(adapter, f"samples_round_{rnd:03d}.png",
-                            f"global model after round {rnd}, eps={entry['global_epsilon']:.2f}")
-    load_adapter_state(fed.model, {k: torch.from_numpy(v.copy()) for k, v in adapter.items()})
-    save_adapter(fed.model, fed.run / "adapter")
-    atomic_write_json(fed.run / "adapter" / "privacy.json", {
-        "global_epsilon": fed.ledger.global_guarantee()[0],
-        "global_delta": fed.ledger.global_guarantee()[1],
-        "sites": fed.ledger.sites, "rounds": fed.ledger.last_round,
-        "client_level": fed.ledger.client_level,
-        "base_fingerprint": fed.plan.base_fingerprint})
+            fed.sample_grid(adapter, f"samples_round_{rnd:03d}.png", f"global model after "
+                            f"round {rnd}, eps={outcome.entry['global_epsilon']:.2f}")
+    write_final_adapter(fed, adapter)
     log.info("privacy ledger:\n%s", fed.ledger.table())
     try_write_report(fed.run.path)  # logs a failure, never raises
     return fed.ledger

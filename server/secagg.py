@@ -16,19 +16,24 @@ so it runs inside our ``@app.main()``: this module drives it for one round, with
   that is not 0 or the site's reported example count, or above ``max_weight``); SecAgg+
   then removes them like sites that dropped out.
 
-What the coordinator can no longer check, the sites check before masking
-(:func:`dpfl.client.secagg.self_check`): finiteness, the quantisation range and
-``max-update-norm``. The coordinator still checks the released aggregate (shapes,
+What the coordinator can no longer check, the sites check before masking, with the same
+update check the coordinator applies to plain replies
+(:func:`dpfl.shared.federation.protocol.check_update`, plus the quantisation range). The
+coordinator still puts the released aggregate through that check (keys and shapes,
 finiteness, and its distance from the global adapter, which a weighted mean of bounded
 updates cannot exceed). Client-level DP needs each update clipped before the sum and is
 refused with SecAgg+ (see :class:`dpfl.shared.federation.config.FedConfig`).
+
+:class:`SecureRound` is the coordinator's :class:`~dpfl.server.strategy.Round` of this kind:
+typed inputs in, a :class:`~dpfl.server.strategy.RoundOutcome` out.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -44,7 +49,23 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from dpfl.server.strategy import MALFORMED_REPORT, METRICS, reply_site, site_report
+from dpfl.server.strategy import NodeSites, RoundOutcome, reply_site, site_report
+from dpfl.shared.federation.config import FedConfig, RoundPlan
+from dpfl.shared.federation.ledger import PrivacyLedger
+from dpfl.shared.federation.protocol import (
+    MALFORMED_REPORT,
+    METRICS,
+    NUM_EXAMPLES,
+    SECAGG_ADAPTER_KEYS,
+    SECAGG_CLIP_RANGE,
+    SECAGG_MAX_NORM,
+    SECAGG_MAX_WEIGHT,
+    SERVER_ROUND,
+    SITE,
+    WITHHELD,
+    check_update,
+)
+from dpfl.shared.ldm.lora import travelling_keys
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +104,11 @@ class _Sampled(Strategy):
 
 
 class _ScreenedGrid:
-    """The grid, with every reply of the masking stage screened by ``screen`` first."""
+    """The grid, with every reply of the masking stage screened by ``screen`` first (it
+    returns the replies that go on)."""
 
-    def __init__(self, grid: Grid, screen):
+    def __init__(self, grid: Grid, screen: Callable[[list[Message], list[Message]],
+                                                    list[Message]]):
         self._grid, self._screen = grid, screen
 
     def __getattr__(self, name):
@@ -98,11 +121,34 @@ class _ScreenedGrid:
                                                                          timeout=timeout)))
 
 
+@dataclass(frozen=True)
+class _Recorded:
+    """What a round wrote to the ledger: how many real updates enter the masked sum, why
+    the others do not, and the ledger's entry."""
+
+    accepted: int
+    rejected: dict[str, str]
+    entry: dict[str, Any]
+
+
+#: A masking-stage screen: (messages sent, replies) -> (replies that enter the masked sum,
+#: what it wrote to the ledger).
+Screen = Callable[[list[Message], list[Message]], tuple[list[Message], _Recorded]]
+
+
 class _Workflow(SecAggPlusWorkflow):
-    def __init__(self, screen, **kwargs):
+    """Flower's SecAgg+ workflow, naming the stage it is in and screening the replies of its
+    masking stage with ``screen``; what the screen recorded is kept in :attr:`recorded`."""
+
+    def __init__(self, screen: Screen, **kwargs):
         super().__init__(**kwargs)
         self._screen = screen
         self.stage = "setup"
+        self.recorded: _Recorded | None = None
+
+    def _screened(self, sent: list[Message], replies: list[Message]) -> list[Message]:
+        kept, self.recorded = self._screen(sent, replies)
+        return kept
 
     def share_keys_stage(self, grid, context, state):
         self.stage = "share keys"
@@ -110,7 +156,7 @@ class _Workflow(SecAggPlusWorkflow):
 
     def collect_masked_vectors_stage(self, grid, context, state):
         self.stage = "collect masked vectors"
-        return super().collect_masked_vectors_stage(_ScreenedGrid(grid, self._screen),
+        return super().collect_masked_vectors_stage(_ScreenedGrid(grid, self._screened),
                                                     context, state)
 
     def unmask_stage(self, grid, context, state):
@@ -122,13 +168,13 @@ def masked_shape_problem(msg: Message, shapes: list[tuple[int, ...]], max_weight
                          ) -> str | None:
     """Why a masking-stage reply cannot enter the masked sum, or None."""
     weight = _weight(msg)
-    metrics = msg.content.metric_records.get(METRICS) or {}
-    if (not isinstance(weight, int) or weight not in (0, metrics.get("num-examples"))
+    metrics: Mapping[str, Any] = msg.content.metric_records.get(METRICS) or {}
+    if (not isinstance(weight, int) or weight not in (0, metrics.get(NUM_EXAMPLES))
             or weight > max_weight):
         return (f"weight {weight} is neither 0 nor the reported example count "
-                f"{metrics.get('num-examples')} (at most {max_weight:g})")
-    masked = (msg.content.config_records.get(RECORD_KEY_CONFIGS) or {}).get(
-        Key.MASKED_PARAMETERS)
+                f"{metrics.get(NUM_EXAMPLES)} (at most {max_weight:g})")
+    configs: Mapping[str, Any] = msg.content.config_records.get(RECORD_KEY_CONFIGS) or {}
+    masked = configs.get(Key.MASKED_PARAMETERS)
     try:
         got = [legacy_parameter.bytes_to_ndarray(b).shape for b in masked]  # type: ignore
     except (TypeError, ValueError, OSError) as exc:
@@ -140,62 +186,77 @@ def masked_shape_problem(msg: Message, shapes: list[tuple[int, ...]], max_weight
 
 def _weight(msg: Message) -> int | float | None:
     """The weight a masking-stage reply declares in plain text (its FitRes example count)."""
-    record = msg.content.metric_records.get("fitres.num_examples") or {}
+    record: Mapping[str, Any] = msg.content.metric_records.get("fitres.num_examples") or {}
     return record.get("num_examples")
 
 
 class SecureRound:
-    """One SecAgg+ round: returns the new adapter, accepted count, rejections, ledger entry."""
+    """One SecAgg+ round (a :class:`~dpfl.server.strategy.Round`): the sampled sites train
+    and mask their updates, the ledger records their spend before anything is unmasked,
+    and the unmasked aggregate passes the update check before it is released."""
 
-    def __init__(self, fed, grid: Grid, node_site, threshold: float, max_weight: float):
-        self.fed, self.grid, self.node_site = fed, grid, node_site
-        self.threshold, self.max_weight = threshold, max_weight
+    def __init__(self, grid: Grid, cfg: FedConfig, plan: RoundPlan, ledger: PrivacyLedger,
+                 node_site: NodeSites):
+        self.grid, self.cfg, self.plan = grid, cfg, plan
+        self.ledger, self.node_site = ledger, node_site
+        self.threshold, self.max_weight = cfg.secagg_threshold, cfg.secagg_max_weight
 
-    def run(self, rnd: int, adapter: dict[str, np.ndarray], keys: list[str], nodes: list[int],
-            min_replies: int = 1) -> tuple[dict[str, np.ndarray], int, dict[str, str], dict]:
-        cfg = self.fed.cfg
-        order = sorted(adapter)
-        config = {**self.fed.plan.to_record(), "server-round": rnd,
-                  "dpfl-adapter-keys": "\n".join(order),
-                  "dpfl-secagg-max-weight": self.max_weight,
-                  "dpfl-secagg-clip-range": CLIP_RANGE,
-                  "dpfl-max-update-norm": cfg.max_update_norm}
-        strategy = _Sampled(self.grid, nodes, config)
+    def run(self, rnd: int, adapter: dict[str, np.ndarray], msgs: list[Message]
+            ) -> RoundOutcome:
+        keys = travelling_keys(adapter, self.cfg.ffa)
+        shapes = [adapter[k].shape for k in keys]
+        strategy = _Sampled(self.grid, [m.metadata.dst_node_id for m in msgs],
+                            self._config(rnd, adapter))
+        workflow = _Workflow(lambda sent, replies: self._record(rnd, sent, replies, shapes),
+                             num_shares=1.0, reconstruction_threshold=self.threshold,
+                             max_weight=self.max_weight, clipping_range=CLIP_RANGE,
+                             timeout=self.cfg.round_timeout)
+        workflow(self.grid, self._context(rnd, adapter, strategy))
+        recorded = workflow.recorded or self._halted(rnd, workflow.stage)
+        return self._release(rnd, adapter, keys, strategy.aggregate, recorded)
+
+    def _config(self, rnd: int, adapter: dict[str, np.ndarray]) -> dict[str, Any]:
+        """What every sampled site receives (``fitins.config``): the plan, and the SecAgg+
+        settings it checks its own update against."""
+        return {**self.plan.to_record(), SERVER_ROUND: rnd,
+                SECAGG_ADAPTER_KEYS: "\n".join(sorted(adapter)),
+                SECAGG_MAX_WEIGHT: self.max_weight, SECAGG_CLIP_RANGE: CLIP_RANGE,
+                SECAGG_MAX_NORM: self.cfg.max_update_norm}
+
+    def _context(self, rnd: int, adapter: dict[str, np.ndarray], strategy: _Sampled
+                 ) -> LegacyContext:
+        """The legacy context the workflow runs in: the round and the whole global adapter."""
         context = LegacyContext(Context(run_id=self.grid.run.run_id, node_id=0, node_config={},
                                         state=RecordDict(), run_config={}), strategy=strategy)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: rnd})
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-            ndarrays_to_parameters([adapter[k] for k in order]), keep_input=False)
-        shapes = [adapter[k].shape for k in keys]
-        outcome: dict = {}
+            ndarrays_to_parameters([adapter[k] for k in sorted(adapter)]), keep_input=False)
+        return context
 
-        def screen(sent: list[Message], replies: list[Message]) -> list[Message]:
-            reports = [r for r in map(site_report, replies) if r is not None]
-            kept, rejected, accepted = self._screen(rnd, replies, sent, shapes,
-                                                    {r.site for r in reports})
-            if len(sent) > len(replies):
-                rejected[f"<{len(sent) - len(replies)} unanswered>"] = (
-                    f"no reply within {cfg.round_timeout}s")
-            if 0 < accepted < min_replies:
-                rejected["<min-replies>"] = (f"{accepted} accepted update(s), min-replies is "
-                                             f"{min_replies}: nothing is unmasked")
-            # durable before the unmasking stage: no aggregate exists without its spend
-            outcome.update(rejected=rejected, accepted=accepted,
-                           entry=self.fed.ledger.record_round(rnd, reports, rejected))
-            # nothing (or too little) to release: halt before unmasking
-            return kept if accepted >= max(1, min_replies) else []
+    def _record(self, rnd: int, sent: list[Message], replies: list[Message],
+                shapes: list[tuple[int, ...]]) -> tuple[list[Message], _Recorded]:
+        """Screen the masking stage's replies and write the ledger durably, before the
+        unmasking stage: no aggregate exists without its spend on record. Returns the
+        replies to unmask (none when too few carry an update: nothing is released)."""
+        reports = [r for r in map(site_report, replies) if r is not None]
+        kept, rejected, accepted = self._screen(rnd, replies, sent, shapes,
+                                                {r.site for r in reports})
+        if len(sent) > len(replies):
+            rejected[f"<{len(sent) - len(replies)} unanswered>"] = (
+                f"no reply within {self.cfg.round_timeout}s")
+        min_replies = self.cfg.min_replies
+        if 0 < accepted < min_replies:
+            rejected["<min-replies>"] = (f"{accepted} accepted update(s), min-replies is "
+                                         f"{min_replies}: nothing is unmasked")
+        recorded = _Recorded(accepted, rejected, self.ledger.record_round(rnd, reports, rejected))
+        return (kept if accepted >= max(1, min_replies) else []), recorded
 
-        workflow = _Workflow(screen, num_shares=1.0, reconstruction_threshold=self.threshold,
-                             max_weight=self.max_weight, clipping_range=CLIP_RANGE,
-                             timeout=cfg.round_timeout)
-        workflow(self.grid, context)
-        if "entry" not in outcome:  # halted before any site trained: nothing was spent
-            why = {"<secagg>": f"SecAgg+ halted in its {workflow.stage} stage"}
-            outcome.update(rejected=why, accepted=0,
-                           entry=self.fed.ledger.record_round(rnd, [], why))
-        new = self._release(rnd, adapter, keys, strategy.aggregate, outcome)
-        return new, outcome["accepted"], outcome["rejected"], outcome["entry"]
+    def _halted(self, rnd: int, stage: str) -> _Recorded:
+        """SecAgg+ stopped before its masking stage: no site trained, nothing was spent, and
+        the round is on record all the same."""
+        why = {"<secagg>": f"SecAgg+ halted in its {stage} stage"}
+        return _Recorded(0, why, self.ledger.record_round(rnd, [], why))
 
     def _screen(self, rnd: int, replies: list[Message], sent: list[Message],
                 shapes: list[tuple[int, ...]], reported: Collection[str]
@@ -219,9 +280,9 @@ class SecureRound:
                 rejected[site] = MALFORMED_REPORT
                 continue
             kept.append(msg)
-            withheld = (msg.content.config_records.get("site") or {}).get("withheld")
+            withheld = (msg.content.config_records.get(SITE) or {}).get(WITHHELD)
             if withheld:
-                rejected[site] = f"withheld by the site: {withheld}"
+                rejected[site] = f"withheld by the site: {withheld!s}"
             elif not _weight(msg):
                 rejected[site] = "did not train (budget exhausted or refused)"
             else:
@@ -232,22 +293,26 @@ class SecureRound:
         return kept, rejected, accepted
 
     def _release(self, rnd: int, adapter: dict[str, np.ndarray], keys: list[str],
-                 aggregate: list[np.ndarray] | None, outcome: dict) -> dict[str, np.ndarray]:
+                 aggregate: list[np.ndarray] | None, recorded: _Recorded) -> RoundOutcome:
+        """The round's outcome: the unmasked aggregate becomes the global adapter when it
+        passes the update check; otherwise (or when nothing was unmasked) it stays as it was."""
         if aggregate is None:
-            return adapter
-        problem = None
-        if [a.shape for a in aggregate] != [adapter[k].shape for k in keys]:
-            problem = "the unmasked aggregate has the wrong shapes"
-        elif not all(np.isfinite(a).all() for a in aggregate):
-            problem = "the unmasked aggregate holds non-finite values"
-        else:
-            dist = math.sqrt(sum(float(np.sum((a - adapter[k].astype(np.float64)) ** 2))
-                                 for a, k in zip(aggregate, keys)))
-            if dist > self.fed.cfg.update_bound:
-                problem = f"the aggregate moved {dist:.3g}, beyond max-update-norm"
+            return RoundOutcome(adapter, recorded.accepted, recorded.rejected, recorded.entry)
+        problem = self._aggregate_problem(adapter, keys, aggregate)
         if problem is not None:
             log.error("round %d: %s; the global adapter is kept", rnd, problem)
-            outcome["rejected"] = {**outcome["rejected"], "<aggregate>": problem}
-            outcome["accepted"] = 0
-            return adapter
-        return {**adapter, **{k: a.astype(adapter[k].dtype) for k, a in zip(keys, aggregate)}}
+            return RoundOutcome(adapter, 0, {**recorded.rejected, "<aggregate>": problem},
+                                recorded.entry)
+        new = {**adapter, **{k: a.astype(adapter[k].dtype) for k, a in zip(keys, aggregate)}}
+        return RoundOutcome(new, recorded.accepted, recorded.rejected, recorded.entry)
+
+    def _aggregate_problem(self, adapter: dict[str, np.ndarray], keys: list[str],
+                           aggregate: list[np.ndarray]) -> str | None:
+        """Why the unmasked aggregate must not be released (the update check: a weighted mean
+        of updates that passed it at their sites passes it too), or None."""
+        if len(aggregate) != len(keys):
+            return (f"the unmasked aggregate has {len(aggregate)} tensors for {len(keys)} "
+                    "adapter keys")
+        reason = check_update(dict(zip(keys, aggregate)), {k: adapter[k] for k in keys},
+                              max_update_norm=self.cfg.update_bound, same_dtype=False)
+        return None if reason is None else f"the unmasked aggregate fails the check: {reason}"

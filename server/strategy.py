@@ -1,79 +1,78 @@
 """Flower strategy for DP adapter updates: Flower's FedAvg, with budget-aware sampling and
-validation of every update before it can reach the average.
+validation of every update before it can reach the average; and what the coordinator's two
+kinds of round share (:class:`Round`, :class:`RoundOutcome`, :class:`NodeSites`).
 
 Aggregation is Flower's example-weighted FedAvg (``weighted_by_key="num-examples"``). With
 FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024)
 clients send only the ``lora_B`` tensors (and a trainable class embedding): A stays frozen
 at the shared seeded initialisation, so averaging B is exact.
 
-An update is rejected (and logged, with the reason) when its keys, shapes or dtypes differ
-from the expected adapter (so a reply can never be larger than the adapter the coordinator
-sent), when it holds a non-finite value, when its distance from the current global adapter
-exceeds ``max_update_norm`` or, even without that bound, :data:`IMPLAUSIBLE_UPDATE_NORM`, or
-when its FedAvg weight ``num-examples`` is not a positive whole number.
+An update is rejected (and logged, with the reason) when it fails the protocol's update
+check (:func:`dpfl.shared.federation.protocol.check_update`: keys, shapes or dtypes that
+differ from the expected adapter, so a reply can never be larger than the adapter the
+coordinator sent; a non-finite value; a distance from the current global adapter beyond
+``max_update_norm`` or, even without that bound, ``IMPLAUSIBLE_UPDATE_NORM``), when its
+FedAvg weight ``num-examples`` is not a positive whole number (``check_weight``), or when
+its privacy report cannot be recorded. This module only translates Flower messages to the
+protocol's plain objects and back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from dpfl.shared.federation.ledger import SiteReport
+from dpfl.shared.federation.protocol import (
+    ARRAYS,
+    CONFIG,
+    MALFORMED_REPORT,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    SITE,
+    SITE_ID,
+    TRAINED,
+    SiteReport,
+    check_update,
+    check_weight,
+)
+from dpfl.shared.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-ARRAYS, METRICS, SITE, CONFIG = "arrays", "metrics", "site", "config"
-MALFORMED_REPORT = "malformed privacy report (see the coordinator log)"
 
-#: Distance from the global adapter beyond which an update is rejected even when no
-#: ``max-update-norm`` is configured. Adam moves each coordinate by about ``lr`` per step, so
-#: an honest round (lr 2e-3, thousands of steps, LoRA tensors of O(1)) moves the adapter by
-#: far less; 1e6 only stops updates that would overflow float32 in FedAvg's weighted sum and
-#: poison the global adapter for every later round. Set ``max-update-norm`` for a real bound.
-IMPLAUSIBLE_UPDATE_NORM = 1e6
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one round leaves behind, plain or secure alike. By the time it exists, the
+    round's privacy spend is durable in the ledger (``entry``) and, with client-level DP,
+    in the coordinator's accountant (``client_level``)."""
 
-
-def check_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-                 max_update_norm: float = math.inf) -> str | None:
-    """Why ``update`` must be rejected, or None when it is acceptable."""
-    missing = sorted(set(reference) - set(update))
-    extra = sorted(set(update) - set(reference))
-    if missing or extra:
-        return f"unexpected keys (missing {missing[:3]}, extra {extra[:3]})"
-    sq = 0.0
-    for key, ref in reference.items():
-        arr = update[key]
-        if arr.shape != ref.shape:
-            return f"tensor {key} has shape {arr.shape}, expected {ref.shape}"
-        if arr.dtype != ref.dtype or not np.issubdtype(arr.dtype, np.floating):
-            return f"tensor {key} has dtype {arr.dtype}, expected floating point {ref.dtype}"
-        if not np.isfinite(arr).all():
-            return f"tensor {key} holds non-finite values (NaN or inf)"
-        sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
-    norm = math.sqrt(sq)
-    if norm > max_update_norm:
-        return f"update norm {norm:.3g} exceeds the bound {max_update_norm:.3g}"
-    if norm > IMPLAUSIBLE_UPDATE_NORM:
-        return (f"update norm {norm:.3g} is beyond any plausible round of DP-LoRA training "
-                f"(limit {IMPLAUSIBLE_UPDATE_NORM:.0g} even without max-update-norm)")
-    return None
+    adapter: dict[str, np.ndarray]  # the global adapter after the round (as before if no release)
+    accepted: int  # updates in the released average
+    rejected: Mapping[str, str]  # {site, or "<tag>" for a whole-round reason: why}
+    entry: Mapping[str, Any]  # the ledger's entry for the round
+    client_level: Mapping[str, Any] | None = None  # client-level spend so far, when on
 
 
-def check_weight(metrics: Mapping[str, object]) -> str | None:
-    """Why a reply's FedAvg weight ``num-examples`` is unusable, or None."""
-    n = metrics.get("num-examples")
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) \
-            or n < 1 or n != int(n):
-        return f"num-examples must be a whole number >= 1, got {n!r}"
-    return None
+class Round(Protocol):
+    """One round of training given its sampled instructions (``msgs``): collect, record the
+    spend, and only then aggregate. :class:`dpfl.server.rounds.PlainRound` and
+    :class:`dpfl.server.secagg.SecureRound` are the two kinds."""
+
+    def run(self, rnd: int, adapter: dict[str, np.ndarray], msgs: list[Message]
+            ) -> RoundOutcome: ...
 
 
 def reply_site(msg: Message, known: Mapping[int, str] | None = None,
@@ -85,38 +84,21 @@ def reply_site(msg: Message, known: Mapping[int, str] | None = None,
     node = (sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
     if not msg.has_error():
         site = msg.content.config_records.get(SITE)
-        if site and "site-id" in site:
-            return str(site["site-id"])
+        if site and SITE_ID in site:
+            return str(site[SITE_ID])
     return (known or {}).get(node) or f"node-{node}"
 
 
 def site_report(msg: Message) -> SiteReport | None:
-    """The privacy report a reply carries, for the ledger; None when it has none or it is
-    malformed (missing fields, wrong types, non-finite or negative epsilon/delta/budget):
-    :meth:`AdapterFedAvg.split_replies` (``reported``) then keeps its update out."""
+    """The privacy report a reply carries (:meth:`SiteReport.from_metrics`), for the ledger;
+    None when it has none or it is malformed: :meth:`AdapterFedAvg.split_replies`
+    (``reported``) then keeps its update out."""
     if msg.has_error():
         return None
-    m = msg.content.metric_records.get(METRICS)
-    if m is None or "epsilon" not in m:
-        return None
-    try:
-        rep = SiteReport(site=reply_site(msg), epsilon=float(m["epsilon"]),
-                         delta=float(m["delta"]), budget=float(m["budget"]),
-                         sigma=float(m["sigma"]), sample_rate=float(m["sample-rate"]),
-                         steps=int(m["steps"]), examples=int(m["num-examples"]),
-                         exhausted=bool(m["exhausted"]), trained=bool(m["trained"]))
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        log.warning("privacy report of %s is malformed (%s: %s); its update is rejected",
-                    reply_site(msg), type(exc).__name__, exc)
-        return None
-    if not all(math.isfinite(v) and v >= 0 for v in (rep.epsilon, rep.delta, rep.budget)):
-        log.warning("privacy report of %s holds a non-finite or negative value; its "
-                    "update is rejected", rep.site)
-        return None
-    return rep
+    return SiteReport.from_metrics(reply_site(msg), msg.content.metric_records.get(METRICS))
 
 
-def current_replies(server_round: int, replies: Iterable[Message],
+def current_replies(server_round: int, replies: Collection[Message],
                     sent_to: Mapping[str, int]) -> list[Message]:
     """The replies that answer a message of this round (``sent_to``: its message ids).
 
@@ -138,7 +120,7 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, *, excluded: Callable[[int], bool], sample_seed: int = 0,
                  max_update_norm: float = math.inf, wait_for_nodes_s: float = 120.0,
                  **kwargs):
-        super().__init__(weighted_by_key="num-examples", arrayrecord_key=ARRAYS,
+        super().__init__(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS,
                          configrecord_key=CONFIG, **kwargs)
         self.excluded = excluded
         self.rng = random.Random(sample_seed)
@@ -166,7 +148,7 @@ class AdapterFedAvg(FedAvg):
         nodes = sorted(self.rng.sample(eligible, min(size, len(eligible))))
         log.info("round %d: sampled %d of %d eligible node(s)", server_round, len(nodes),
                  len(eligible))
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
 
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
         return self._construct_messages(record, nodes, "train")
@@ -188,7 +170,7 @@ class AdapterFedAvg(FedAvg):
                 continue
             content = msg.content
             metrics = content.metric_records.get(METRICS)
-            if metrics is None or not metrics.get("trained", 0):
+            if metrics is None or not metrics.get(TRAINED, 0):
                 rejected[site] = "did not train (budget exhausted or refused)"
                 continue
             arrays = content.array_records.get(ARRAYS)
@@ -196,7 +178,7 @@ class AdapterFedAvg(FedAvg):
                 rejected[site] = "reply must carry exactly one ArrayRecord 'arrays'"
                 continue
             update = {k: v.numpy() for k, v in arrays.items()}
-            reason = check_update(update, reference, self.max_update_norm) \
+            reason = check_update(update, reference, max_update_norm=self.max_update_norm) \
                 or check_weight(metrics)
             if reason is None and reported is not None and site not in reported:
                 reason = MALFORMED_REPORT
@@ -214,3 +196,27 @@ class AdapterFedAvg(FedAvg):
         if not valid:
             return None, None
         return super().aggregate_train(server_round, valid)
+
+
+class NodeSites:
+    """Which site each Flower node id answered as, kept on disk so that a restarted
+    coordinator does not ask an exhausted site again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.map: dict[int, str] = {}
+        if path.exists():
+            try:
+                self.map = {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable %s (%s); sites re-identify on reply", path, exc)
+
+    def get(self, node: int, default: str = "") -> str:
+        return self.map.get(node, default)
+
+    def update(self, replies: list[Message]) -> None:
+        new = {m.metadata.src_node_id: reply_site(m) for m in replies
+               if not m.has_error() and SITE in m.content.config_records}
+        if any(self.map.get(n) != s for n, s in new.items()):
+            self.map.update(new)
+            atomic_write_json(self.path, {str(k): v for k, v in sorted(self.map.items())})

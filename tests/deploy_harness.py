@@ -135,3 +135,15 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5) -> None:
             return
         time.sleep(poll)
     raise TimeoutError(f"{what} not within {timeout:.0f}s")
+
+
+def checkpoint_round(run_dir: Path) -> int:
+    """The round of the coordinator's global checkpoint (0 before the first), read from the
+    weights file's own metadata, the only place the round is kept."""
+    from safetensors import safe_open
+
+    weights = Path(run_dir) / "global" / "adapter.safetensors"
+    if not weights.exists():
+        return 0
+    with safe_open(str(weights), "np") as f:
+        return int((f.metadata() or {})["round"])

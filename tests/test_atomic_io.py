@@ -53,22 +53,27 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypa
 
 
 def test_checkpoint_round_travels_with_its_weights(tmp_path):
-    """A crash after the weights of round 2 were renamed into place but before
-    checkpoint.json followed: resumption must see round 2, not round 1 with round 2's
-    weights (which would train round 2 twice on top of itself)."""
+    """The round lives in the weights file's own metadata, so the one atomic rename replaces
+    both together: resumption can never pair round 2's weights with round 1 (which would
+    train round 2 twice on top of itself). A weights file without a round is refused."""
+    from safetensors.numpy import save_file
+
     from dpfl.server.rounds import GlobalCheckpoint
+    from dpfl.shared.errors import StateError
 
     ckpt = GlobalCheckpoint(tmp_path / "global")
     r1 = {"w": np.zeros((2, 2), np.float32)}
     r2 = {"w": np.ones((2, 2), np.float32)}
     ckpt.save(1, r1, "sha256:x")
-    meta_r1 = ckpt.meta.read_text()
     ckpt.save(2, r2, "sha256:x")
-    ckpt.meta.write_text(meta_r1)  # as if the process died between the two renames
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == ["adapter.safetensors"]
     rnd, weights = ckpt.load()
     assert rnd == 2
     np.testing.assert_array_equal(weights["w"], r2["w"])
     assert GlobalCheckpoint(tmp_path / "none").load() is None
+    save_file(r1, str(ckpt.weights))  # no round in its metadata
+    with pytest.raises(StateError, match="holds no round"):
+        ckpt.load()
 
 
 def test_site_latent_cache_is_written_atomically(tmp_path, monkeypatch):

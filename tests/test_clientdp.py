@@ -11,7 +11,8 @@ from scipy.stats import norm
 from dpfl.server.clientdp import ClientLevelDP
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import FedConfig
-from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
+from dpfl.shared.federation.ledger import PrivacyLedger
+from dpfl.shared.federation.protocol import SiteReport
 
 
 def _cdp(tmp_path, **kw):
@@ -44,8 +45,10 @@ def test_noise_has_std_z_clip_over_sampled_and_is_not_reproducible(tmp_path):
 def _gaussian_epsilon(mu: float, delta: float) -> float:
     """Tight epsilon of a mu-GDP mechanism (Dong, Roth, Su): the exact value for composed
     Gaussian mechanisms, a lower bound for any sound accountant."""
-    f = lambda e: norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta
-    return brentq(f, 0.0, 500.0)
+    def tradeoff_gap(e: float) -> float:
+        return norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta
+
+    return brentq(tradeoff_gap, 0.0, 500.0)
 
 
 @pytest.mark.parametrize("z,rounds", [(1.0, 3), (4.0, 20)])

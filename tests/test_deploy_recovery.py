@@ -11,7 +11,7 @@ import pytest
 from dpfl.shared.ldm.models import build_ldm, save_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant
 
-from .deploy_harness import ROOT, Harness, cli, env, free_port, wait_for
+from .deploy_harness import ROOT, Harness, checkpoint_round, cli, env, free_port, wait_for
 from .test_deploy import SITES, _join
 from .test_federation import _silo
 
@@ -23,11 +23,6 @@ def _submit(pki, coord, port, base, run_dir):
     return cli("server", "run", "--pki", str(pki), "--state-dir", str(coord), "--superlink",
                f"127.0.0.1:{port}", "--timeout", "900",
                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
-
-
-def _checkpoint_round(run_dir) -> int:
-    path = run_dir / "global" / "checkpoint.json"
-    return json.loads(path.read_text())["round"] if path.exists() else 0
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,7 @@ def recovery(tmp_path_factory):
         # site-2 dies as soon as it has started training in round 1
         wait_for(lambda: any((tmp / "state2").glob("latents-*")), 300, "site-2 training")
         h.kill("site-2")
-        wait_for(lambda: _checkpoint_round(run_dir) >= 1, 400, "round 1 checkpoint")
+        wait_for(lambda: checkpoint_round(run_dir) >= 1, 400, "round 1 checkpoint")
         out["ledger_r1"] = json.loads((run_dir / "ledger.json").read_text())
         for name in ("run1", "coordinator"):  # crash the coordinator: SIGKILL everything
             h.kill(name)
@@ -64,7 +59,7 @@ def recovery(tmp_path_factory):
             if ("flower-superlink" in line or "serverapp" in line
                     or ("superexec" in line and f":{port} " in line + " ")):
                 subprocess.run(["kill", "-9", line.split(":")[0]], check=False)
-        out["round_at_crash"] = _checkpoint_round(run_dir)
+        out["round_at_crash"] = checkpoint_round(run_dir)
         h.start("coordinator2", serve)
         wait_for(lambda: "SuperLink ready" in h.output("coordinator2"), 180, "restart")
         out["run2"] = subprocess.run(_submit(pki, coord, port, base, run_dir), cwd=ROOT,
@@ -99,7 +94,7 @@ def test_restarted_coordinator_resumes_at_round_two(recovery):
         own = PersistentAccountant.load(tmp / f"state{i}" / "accountant.json")
         assert led["sites"][site]["epsilon"] == pytest.approx(own.epsilon(), rel=1e-9)
         assert r2["sites"][site]["epsilon"] > led["rounds"][0]["sites"][site]["epsilon"]
-    assert json.loads((tmp / "run" / "global" / "checkpoint.json").read_text())["round"] == 2
+    assert checkpoint_round(tmp / "run") == 2
 
 
 def test_every_process_is_stopped(recovery):

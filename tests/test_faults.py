@@ -35,13 +35,12 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 
 from dpfl.shared.io import read_jsonl
 from dpfl.shared.ldm.models import build_ldm, save_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant, epsilon_of
 
-from .deploy_harness import ROOT, Harness, cli, env, free_port, wait_for
+from .deploy_harness import ROOT, Harness, checkpoint_round, cli, env, free_port, wait_for
 from .test_federation import _silo
 
 POINTS = int(os.environ.get("DPFL_FAULT_POINTS", "20"))
@@ -68,19 +67,6 @@ def schedule(rng: random.Random, points: int) -> list[dict]:
 
 def _json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def checkpoint_round(run_dir: Path) -> int:
-    """The round of the global checkpoint: from the weights file's own metadata when it
-    carries one (it is the file resumption trusts), else from checkpoint.json."""
-    weights = run_dir / "global" / "adapter.safetensors"
-    if weights.exists():
-        with safe_open(str(weights), "np") as f:
-            meta = f.metadata() or {}
-        if "round" in meta:
-            return int(meta["round"])
-    meta = _json(run_dir / "global" / "checkpoint.json")
-    return int(meta["round"]) if meta else 0
 
 
 def _prefix(history: list[tuple[float, float, int]], steps: int):

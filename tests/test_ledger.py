@@ -3,7 +3,8 @@ import json
 import pytest
 
 from dpfl.shared.errors import StateError
-from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
+from dpfl.shared.federation.ledger import PrivacyLedger, read_ledger
+from dpfl.shared.federation.protocol import SiteReport
 
 
 def rep(site, eps, delta=1e-5, exhausted=False, budget=10.0):
@@ -52,3 +53,27 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_start(tmp_path):
     (tmp_path / "l.json").write_text("{not json")
     with pytest.raises(StateError, match="l.json"):
         PrivacyLedger.load_or_create(tmp_path / "l.json")
+
+
+def test_one_reader_checks_the_schema_for_coordinator_and_report(tmp_path):
+    """read_ledger is the one reader of ledger.json (PrivacyLedger.load_or_create and the run
+    report both use it): a field missing or of the wrong type names the file and the field,
+    and the file is left as it was."""
+    from dpfl.shared.report.fed import load_ledger
+
+    led = PrivacyLedger.load_or_create(tmp_path / "ledger.json")
+    led.record_round(1, [rep("a", 1.0)])
+    good = json.loads((tmp_path / "ledger.json").read_text())
+    assert read_ledger(tmp_path / "ledger.json") == good == load_ledger(tmp_path / "ledger.json")
+    assert load_ledger(tmp_path / "absent.json") is None
+    for bad, field in [({**good, "rounds": [{"round": 1}]}, "global_epsilon"),
+                       ({**good, "sites": {"a": {"epsilon": "x", "delta": 1e-5,
+                                                 "budget": 1.0}}}, "could not convert"),
+                       ({**good, "sites": []}, "'sites' an object"),
+                       ({"rounds": []}, "sites")]:
+        text = json.dumps(bad)
+        (tmp_path / "bad.json").write_text(text)
+        for reader in (read_ledger, PrivacyLedger.load_or_create, load_ledger):
+            with pytest.raises(StateError, match=f"bad.json lacks or garbles a field.*{field}"):
+                reader(tmp_path / "bad.json")
+        assert (tmp_path / "bad.json").read_text() == text

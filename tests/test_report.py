@@ -14,6 +14,7 @@ from dpfl.shared.errors import StateError
 from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
 from dpfl.shared.io import append_jsonl, atomic_write_json
 from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.guarantee import SCOPE_ADAPTER, PrivacyGuarantee
 from dpfl.shared.report.build import build_report, try_write_report, write_report
 from dpfl.shared.rundir import RunDir
 
@@ -51,9 +52,8 @@ def federated_run(root, rounds=EPS, sites=True, finished=True):
                 append_jsonl(root / "fed" / "sites" / s / "state" / "rounds.jsonl",
                              {"steps": 10, "epsilon": e, "sigma": 1.1, "sample_rate": 0.1,
                               "mean_loss": 1.0 / r})
-    if finished:
-        atomic_write_json(run / "adapter" / "privacy.json", {
-            "global_epsilon": ledger.global_guarantee()[0], "rounds": ledger.last_round})
+    if finished:  # as server/rounds.py writes it
+        PrivacyGuarantee.from_ledger(ledger, "sha256:abc").write(run / "adapter" / "privacy.json")
     return run.path, {s: root / "fed" / "sites" / s / "state" for s in EPS[1]}
 
 
@@ -150,6 +150,31 @@ def test_missing_optional_files_are_stated_not_fatal(tmp_path):
     assert "No privacy ledger" in (fresh / "report" / "report.md").read_text()
 
 
+def test_final_adapter_privacy_json_new_old_ahead_and_corrupt(tmp_path):
+    run, _ = federated_run(tmp_path)
+    final = run / "adapter" / "privacy.json"
+    assert json.loads(final.read_text())["format"] == "dpfl-privacy/1"
+    write_report(run)
+    assert "The final adapter (adapter/, privacy.json) carries this guarantee." in \
+        (run / "report" / "report.md").read_text()
+    ledger = PrivacyLedger.load_or_create(run / "ledger.json")
+    eps, delta = ledger.global_guarantee()
+    # the record older dpfl wrote there is still read
+    final.write_text(json.dumps({"global_epsilon": eps, "global_delta": delta,
+                                 "sites": ledger.sites, "rounds": ledger.last_round,
+                                 "client_level": None, "base_fingerprint": "sha256:abc"}))
+    write_report(run)
+    assert "carries this guarantee" in (run / "report" / "report.md").read_text()
+    # released after round 2, but round 3 is on the ledger: the report says the ledger is ahead
+    final.write_text(json.dumps({"global_epsilon": 1.0, "global_delta": delta, "rounds": 2}))
+    write_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "states ε = 1.0 after 2 round(s)" in md and "the ledger is ahead" in md
+    final.write_text("[1, 2]")
+    with pytest.raises(StateError, match=re.escape(str(final))):
+        build_report(run)
+
+
 def test_corrupt_ledger_names_the_file(tmp_path, caplog):
     run, _ = federated_run(tmp_path)
     path = run / "ledger.json"
@@ -187,6 +212,9 @@ def test_central_report_from_disk(tmp_path):
     acc = PersistentAccountant.open(run / "accountant.json", delta=1e-3, budget=8.0)
     for steps in (4, 3):  # two runs in the same directory; the second is cut off
         acc.commit(1.2, 0.25, steps)
+        if steps == 4:  # the first run finished: its adapter states the guarantee then
+            PrivacyGuarantee.from_accountant(acc, scope=SCOPE_ADAPTER).write(
+                run / "adapter" / "privacy.json")
     for i in range(1, 5):
         run.log(step=i, epoch=1 + (i > 2), examples=10, loss=1.0 / i, seconds=0.1)
         if i % 2 == 0:
@@ -208,6 +236,8 @@ def test_central_report_from_disk(tmp_path):
     assert f"(ε = {acc.epsilon():.3f}, δ = 0.001)" in md and "samples_after.png is missing" in md
     assert "| 1.2 | 0.25 | 7 |" in md  # the accountant's (sigma, q, steps) history
     assert "the adapter is differentially private" in md
+    assert "adapter/privacy.json states ε = " in md and "after 4 step(s)" in md
+    assert "the ledger is ahead of what was released" in md
 
 
 def test_whole_unet_run_is_reported_as_such(tmp_path):
@@ -221,6 +251,7 @@ def test_whole_unet_run_is_reported_as_such(tmp_path):
     md = (run / "report" / "report.md").read_text()
     assert "whole UNet (RUN_DIR/model) is differentially private" in md
     assert "adapter" not in md and "random UNet (scratch), before DP training" in md
+    assert "No model/privacy.json" in md
 
 
 def test_corrupt_accountant_names_the_file(tmp_path):
@@ -265,4 +296,5 @@ def test_real_central_training_writes_report(tmp_path):
     assert html.count("data:image/png;base64,") == 4  # epsilon, loss, before, after
     md = (run / "report" / "report.md").read_text()
     assert f"(ε = {PersistentAccountant.load(run / 'accountant.json').epsilon():.3f}" in md
+    assert "The adapter carries this guarantee (adapter/privacy.json)." in md
     assert "| dp.noise_multiplicity |" in md

@@ -12,7 +12,8 @@ from dpfl.server.rounds import run_federation
 from dpfl.server.runlock import RunLock
 from dpfl.shared.errors import StateError
 from dpfl.shared.federation.config import FedConfig
-from dpfl.shared.federation.ledger import PrivacyLedger, SiteReport
+from dpfl.shared.federation.ledger import PrivacyLedger
+from dpfl.shared.federation.protocol import SiteReport
 
 HOLD = ("import sys, time; from dpfl.server.runlock import RunLock; "
         "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")

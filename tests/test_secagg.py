@@ -15,7 +15,6 @@ from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from safetensors.numpy import load_file
 
-from dpfl.client.secagg import self_check
 from dpfl.server.secagg import masked_shape_problem
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import FedConfig
@@ -39,18 +38,55 @@ def test_secagg_config_refuses_what_it_cannot_do(bad, words):
     assert FedConfig.from_run_config({"secagg": "true", "min-train-nodes": 2}).secagg
 
 
-def test_site_withholds_what_the_coordinator_can_no_longer_check():
+def test_secure_train_withholds_what_the_coordinator_can_no_longer_check(monkeypatch,
+                                                                         task_identity):
+    """The site puts its own update through the protocol's update check, with the SecAgg+
+    range and the run's norm bound taken from the round's config, before masking; a failing
+    update travels as a zero vector of weight 0 and the reason in the site record (the
+    check's own rejections are in test_protocol.py)."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    from dpfl.client import secagg as client_secagg
+    from dpfl.shared.federation.config import RoundPlan
+
     ref = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+
+    class FakeSite:
+        cfg = type("Cfg", (), {"site_id": "h1"})
+        update = {}
+
+        def base_model(self, fingerprint):
+            return None
+
+        def local_silo(self, ldm):
+            return (np.zeros((40, 1)), None)
+
+        def train_round(self, plan, adapter):
+            return self.update, {"num-examples": 40, "epsilon": 1.0, "trained": 1}
+
+    def reply(update, max_norm):
+        site = FakeSite()
+        site.update = update
+        config = {**RoundPlan(base_fingerprint="sha256:x").to_record(), "server-round": 1,
+                  "dpfl-adapter-keys": "a\nb", "dpfl-secagg-max-weight": 64.0,
+                  "dpfl-secagg-clip-range": 8.0, "dpfl-max-update-norm": max_norm}
+        params = compat.parameters_to_arrayrecord(ndarrays_to_parameters(list(ref.values())),
+                                                  keep_input=True)
+        msg = Message(content=RecordDict({"fitins.parameters": params,
+                                          "fitins.config": ConfigRecord(config)}),
+                      dst_node_id=1, message_type="train")
+        out = client_secagg.secure_train(site, msg).content
+        return (out.metric_records["fitres.num_examples"]["num_examples"],
+                dict(out.config_records["site"]))
+
     good = {"a": np.full((2, 3), 0.1, np.float32), "b": np.ones(4, np.float32)}
-    assert self_check(good, ref, clip_range=8.0) is None
-    nan = {**good, "b": np.array([1, np.nan, 1, 1], np.float32)}
-    assert "non-finite" in self_check(nan, ref, 8.0)
-    assert "beyond the SecAgg+ range" in self_check({**good, "b": np.full(4, 9.0)}, ref, 8.0)
-    assert "shape" in self_check({**good, "a": np.zeros(6, np.float32)}, ref, 8.0)
-    assert "keys" in self_check({"a": good["a"]}, ref, 8.0)
-    # distance from the global adapter: sqrt(6 * 0.1**2) = 0.245
-    assert "exceeds the bound" in self_check(good, ref, 8.0, max_update_norm=0.2)
-    assert self_check(good, ref, 8.0, max_update_norm=0.25) is None
+    assert reply(good, 0.0) == (40, {"site-id": "h1"})  # 0: no norm bound
+    weight, record = reply({**good, "b": np.full(4, 9.0, np.float32)}, 0.0)
+    assert weight == 0 and "beyond the SecAgg+ range 8" in record["withheld"]
+    weight, record = reply(good, 0.2)  # distance sqrt(6 * 0.1**2) = 0.245
+    assert weight == 0 and "exceeds the bound 0.2" in record["withheld"]
+    assert reply(good, 0.25) == (40, {"site-id": "h1"})
 
 
 def _masked_reply(shapes, weight, examples):
@@ -212,15 +248,49 @@ def test_masked_update_without_a_recorded_report_stays_out_of_the_sum(tmp_path, 
     """A site whose privacy report cannot be recorded is dropped before unmasking (SecAgg+
     then treats it as a dropout): no aggregate may contain an update whose spend is not on
     the ledger. A weight-0 reply still takes part, its masks must cancel."""
-    from dpfl.server.rounds import NodeSites
     from dpfl.server.secagg import SecureRound
+    from dpfl.server.strategy import NodeSites
+    from dpfl.shared.federation.config import RoundPlan
+    from dpfl.shared.federation.ledger import PrivacyLedger
 
     shapes = [(2, 3), (4,)]
     good, unreported, idle = (_masked_reply([(1,), (2, 3), (4,)], w, w) for w in (40, 40, 0))
     for msg, site in ((good, "h0"), (unreported, "h1"), (idle, "h2")):
         msg.content["site"] = ConfigRecord({"site-id": site})
-    secure = SecureRound(None, None, NodeSites(tmp_path / "nodes.json"), 0.67, 64)
+    cfg = FedConfig(secagg=True, min_train_nodes=2, secagg_max_weight=64.0)
+    secure = SecureRound(None, cfg, RoundPlan(), PrivacyLedger(tmp_path / "ledger.json"),
+                         NodeSites(tmp_path / "nodes.json"))
     kept, rejected, accepted = secure._screen(1, [good, unreported, idle], [], shapes,
                                               reported={"h0", "h2"})
     assert kept == [good, idle] and accepted == 1
     assert "malformed privacy report" in rejected["h1"]
+
+
+def test_unmasked_aggregate_is_checked_before_release(tmp_path):
+    """The released aggregate passes the protocol's update check (float64 is fine: it is
+    dequantised); one that fails keeps the global adapter, and the outcome says why."""
+    from dpfl.server.secagg import SecureRound, _Recorded
+    from dpfl.server.strategy import NodeSites
+    from dpfl.shared.federation.config import RoundPlan
+    from dpfl.shared.federation.ledger import PrivacyLedger
+
+    cfg = FedConfig(secagg=True, min_train_nodes=2, max_update_norm=1.0)
+    secure = SecureRound(None, cfg, RoundPlan(), PrivacyLedger(tmp_path / "ledger.json"),
+                         NodeSites(tmp_path / "nodes.json"))
+    adapter = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32),
+               "frozen": np.ones(2, np.float32)}
+    keys = ["a", "b"]  # what travelled; "frozen" stays as it was
+    recorded = _Recorded(2, {"h2": "did not train (budget exhausted or refused)"}, {"round": 1})
+
+    out = secure._release(1, adapter, keys, [np.full((2, 3), 0.1), np.ones(4)], recorded)
+    assert out.accepted == 2 and out.rejected == recorded.rejected and out.entry == {"round": 1}
+    assert out.adapter["a"].dtype == np.float32 and np.allclose(out.adapter["a"], 0.1)
+    assert out.adapter["frozen"] is adapter["frozen"] and out.client_level is None
+    assert secure._release(1, adapter, keys, None, recorded).adapter is adapter
+    for aggregate, why in [([np.full((2, 3), np.nan), np.ones(4)], "non-finite"),
+                           ([np.full((2, 3), 0.5), np.ones(4)], "exceeds the bound 1"),
+                           ([np.zeros((3, 2)), np.ones(4)], "shape"),
+                           ([np.zeros((2, 3))], "1 tensors for 2 adapter keys")]:
+        out = secure._release(1, adapter, keys, aggregate, recorded)
+        assert out.adapter is adapter and out.accepted == 0
+        assert why in out.rejected["<aggregate>"] and "h2" in out.rejected

@@ -15,30 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from dpfl.shared.errors import StateError
+from dpfl.shared.federation.protocol import SiteReport
 from dpfl.shared.io import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """What one site reported after a round (all cumulative over the site's life)."""
-
-    site: str
-    epsilon: float
-    delta: float
-    budget: float
-    sigma: float
-    sample_rate: float
-    steps: int
-    examples: int
-    exhausted: bool = False
-    trained: bool = True
 
 
 class PrivacyLedger:
@@ -53,16 +38,13 @@ class PrivacyLedger:
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> PrivacyLedger:
+        """The ledger at ``path`` (:func:`read_ledger`), or an empty one when there is none."""
         ledger = cls(path)
         if ledger.path.exists():
-            try:
-                data = json.loads(ledger.path.read_text())
-                ledger.rounds, ledger.sites = data["rounds"], data["sites"]
-                ledger.flags = data.get("flags", [])
-                ledger.client_level = data.get("client_level")
-            except (OSError, ValueError, KeyError) as exc:
-                raise StateError(f"privacy ledger {ledger.path} is unreadable ({exc}); "
-                                 "restore it from backup - it must never be reset") from exc
+            data = read_ledger(ledger.path)
+            ledger.rounds, ledger.sites = data["rounds"], data["sites"]
+            ledger.flags = data.get("flags", [])
+            ledger.client_level = data.get("client_level")
         return ledger
 
     @property
@@ -142,3 +124,40 @@ class PrivacyLedger:
                          f"delta={c['delta']:.1e} (noise z={c['noise_multiplier']:g}, clip "
                          f"{c['clip']:g}, {c['releases']} release(s))")
         return "\n".join(lines)
+
+
+def read_ledger(path: str | Path) -> dict[str, Any]:
+    """The ledger file's contents, checked against its schema: the one reader of
+    ``ledger.json``, for the coordinator (:meth:`PrivacyLedger.load_or_create`) and the run
+    report alike. A file that cannot be read, or lacks or garbles a field, is a
+    :class:`StateError` naming it: a ledger is restored from backup, never started afresh."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StateError(f"privacy ledger {path} is unreadable ({exc}); restore it from "
+                         "backup - it must never be reset") from exc
+    try:
+        _check_schema(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StateError(f"privacy ledger {path} lacks or garbles a field "
+                         f"({type(exc).__name__}: {exc}); restore it from backup - it must "
+                         "never be reset") from exc
+    return data
+
+
+def _check_schema(data: Any) -> None:
+    """Raise (KeyError, TypeError, ValueError, AttributeError) unless ``data`` has the fields
+    and types :meth:`PrivacyLedger.save` writes and its readers use."""
+    if not isinstance(data["rounds"], list) or not isinstance(data["sites"], dict):
+        raise TypeError("'rounds' must be a list and 'sites' an object")
+    for entry in data["rounds"]:
+        int(entry["round"]), float(entry["global_epsilon"]), float(entry["global_delta"])
+        for rep in entry["sites"].values():
+            float(rep["epsilon"])
+        if entry.get("client_level") is not None:
+            float(entry["client_level"]["epsilon"])
+    for rep in data["sites"].values():
+        float(rep["epsilon"]), float(rep["delta"]), float(rep["budget"])
+    if data.get("client_level") is not None:
+        float(data["client_level"]["epsilon"]), float(data["client_level"]["delta"])

@@ -15,8 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dpfl.shared.errors import StateError
-from dpfl.shared.report.render import Doc, Plot, Series, read_json, read_records
+from dpfl.shared.errors import ConfigError, StateError
+from dpfl.shared.federation.ledger import read_ledger
+from dpfl.shared.privacy.guarantee import PrivacyGuarantee
+from dpfl.shared.report.render import Doc, Plot, Series, read_records
 
 PARALLEL = ("Every record lives at exactly one site, so by parallel composition the global "
             "model is (max_i ε_i, max_i δ_i)-DP at the record level, where ε_i is site i's "
@@ -24,25 +26,11 @@ PARALLEL = ("Every record lives at exactly one site, so by parallel composition 
 
 
 def load_ledger(path: Path) -> dict[str, Any] | None:
-    """The ledger's rounds and sites, checked for the fields the report reads; None if absent."""
+    """The ledger's contents, schema-checked by its one reader
+    (:func:`~dpfl.shared.federation.ledger.read_ledger`); None if there is none yet."""
     if not path.exists():
         return None
-    data = read_json(path, "privacy ledger")
-    try:
-        for entry in data["rounds"]:
-            int(entry["round"]), float(entry["global_epsilon"]), float(entry["global_delta"])
-            for rep in entry["sites"].values():
-                float(rep["epsilon"])
-            if entry.get("client_level") is not None:
-                float(entry["client_level"]["epsilon"])
-        for rep in data["sites"].values():
-            float(rep["epsilon"]), float(rep["delta"]), float(rep["budget"])
-        if data.get("client_level") is not None:
-            float(data["client_level"]["epsilon"]), float(data["client_level"]["delta"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise StateError(f"privacy ledger {path} lacks or garbles a field the report needs "
-                         f"({type(exc).__name__}: {exc}); restore it from backup") from exc
-    return data
+    return read_ledger(path)
 
 
 def _last_per_round(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -142,11 +130,12 @@ def _final_adapter(doc: Doc, run_dir: Path, eps: float, last: int) -> None:
               "or stopped early; the guarantee above covers every round recorded so far.",
               note=True)
         return
-    final = read_json(path, "final adapter's privacy record")
-    if not isinstance(final, dict):
-        raise StateError(f"final adapter's privacy record {path} is not a JSON object")
-    f_eps, f_rounds = final.get("global_epsilon"), final.get("rounds")
-    if f_rounds == last and isinstance(f_eps, (int, float)) and math.isclose(f_eps, eps):
+    try:
+        final = PrivacyGuarantee.from_file(path)  # also the privacy.json of older dpfl
+    except ConfigError as exc:
+        raise StateError(f"final adapter's privacy record is unreadable: {exc}") from exc
+    f_eps, f_rounds = final.epsilon, final.rounds
+    if f_rounds == last and f_eps is not None and math.isclose(f_eps, eps):
         doc.p("The final adapter (adapter/, privacy.json) carries this guarantee.")
     else:
         doc.p(f"adapter/privacy.json states ε = {f_eps} after {f_rounds} round(s), but the "
