@@ -40,3 +40,17 @@ def test_html_is_the_markdown_rendered_with_text_escaped_and_images_embedded(tmp
     assert "<blockquote>" in html and "<h2>Sites</h2>" in html
     embedded = base64.b64encode(png.read_bytes()).decode()
     assert f'<img src="data:image/png;base64,{embedded}" alt="grid"' in html
+
+
+def test_every_report_states_what_the_guarantee_covers_and_does_not(tmp_path):
+    from dpfl.shared.privacy.guarantee import COVERS, DOES_NOT_COVER
+
+    from .test_report import federated_run
+
+    run, _ = federated_run(tmp_path)
+    write_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "What it does not cover:" in md
+    for line in (*COVERS, *DOES_NOT_COVER):
+        assert f"- {line}" in md
+    assert "silo size" in " ".join(DOES_NOT_COVER)

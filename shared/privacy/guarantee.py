@@ -47,6 +47,28 @@ SCOPE_UNET = ("record-level DP of the UNet with respect to each example of the s
 SCOPE_FEDERATED = ("record-level DP of the global adapter with respect to each example at "
                    "every site: by parallel composition (max over sites of ε_i, δ_i), where "
                    "ε_i is site i's cumulative spend from its own accountant")
+#: What every dpfl guarantee covers and what it does not, stated in README and every report.
+COVERS = (
+    "Record level: adding or removing one image (with its label) of a silo changes the "
+    "distribution of everything trained on it by at most (ε, δ) - every adapter update a "
+    "site sends, over all its rounds, and anything derived from them (the global adapter, "
+    "exported bundles, synthetic images).",
+    "Per site: ε_i and δ_i come from site i's own durable accountant; a federation's global "
+    "guarantee is (max_i ε_i, max_i δ_i) because every image lives at exactly one site.",
+    "δ is the probability-like slack of (ε, δ)-DP; it should be well below 1/n for a silo of "
+    "n images.",
+)
+DOES_NOT_COVER = (
+    "The silo size: a site reports its number of images, its sampling rate and its step "
+    "count in clear (FedAvg weight and accounting); each reveals n, which is outside the "
+    "add/remove-one guarantee.",
+    "People rather than images: a patient with k images in a silo is protected at about "
+    "k·ε (group privacy), not ε.",
+    "Which sites take part, when and how long they train; whole sites are protected only "
+    "with client-level DP (client-dp-clip), reported separately.",
+    "Without SecAgg+, the coordinator sees each site's (noised) update; the guarantee above "
+    "still holds for it, but nothing more.",
+)
 _INLINE_BYTES = 20000  # a legacy file larger than this is recorded by its SHA-256
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from dpfl.shared.errors import ConfigError, StateError
 from dpfl.shared.privacy.accountant import PersistentAccountant, epsilon_of
-from dpfl.shared.privacy.guarantee import PrivacyGuarantee
+from dpfl.shared.privacy.guarantee import COVERS, DOES_NOT_COVER, PrivacyGuarantee
 from dpfl.shared.report.render import Doc, Plot, Series
 
 CURVE_POINTS = 30
@@ -109,6 +109,10 @@ def _guarantee(doc: Doc, acc: PersistentAccountant | None, cfg: dict[str, Any],
           f"in this directory), against the client's budget of ε = {acc.budget:g}.")
     doc.table(["σ (noise multiplier)", "q (sample rate)", "steps"],
               [[float(s), float(q), int(n)] for s, q, n in acc.history])
+    doc.p("What it covers:")
+    doc.bullets(COVERS)
+    doc.p("What it does not cover:")
+    doc.bullets(DOES_NOT_COVER)
 
 
 def _released(doc: Doc, run_dir: Path, cfg: dict[str, Any], acc: PersistentAccountant) -> None:

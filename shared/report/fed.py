@@ -17,7 +17,7 @@ from typing import Any
 
 from dpfl.shared.errors import ConfigError, StateError
 from dpfl.shared.federation.ledger import read_ledger
-from dpfl.shared.privacy.guarantee import PrivacyGuarantee
+from dpfl.shared.privacy.guarantee import COVERS, DOES_NOT_COVER, PrivacyGuarantee
 from dpfl.shared.report.render import Doc, Plot, Series, read_records
 
 PARALLEL = ("Every record lives at exactly one site, so by parallel composition the global "
@@ -82,6 +82,10 @@ def _guarantee(doc: Doc, run_dir: Path, ledger: dict[str, Any] | None) -> None:
     delta = max(float(s["delta"]) for s in sites.values())
     last = int(ledger["rounds"][-1]["round"])
     doc.p(f"Global guarantee after {last} round(s): (ε = {eps:.3f}, δ = {delta:.1e}). {PARALLEL}")
+    doc.p("What it covers:")
+    doc.bullets(COVERS)
+    doc.p("What it does not cover:")
+    doc.bullets(DOES_NOT_COVER)
     doc.table(["site", "ε", "budget", "δ", "steps", "examples", "σ", "q", "last round",
                "status"],
               [[n, float(s["epsilon"]), float(s["budget"]), f"{float(s['delta']):.1e}",
