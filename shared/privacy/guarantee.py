@@ -50,9 +50,9 @@ SCOPE_FEDERATED = ("record-level DP of the global adapter with respect to each e
 #: What every dpfl guarantee covers and what it does not, stated in README and every report.
 COVERS = (
     "Record level: adding or removing one image (with its label) of a silo changes the "
-    "distribution of everything trained on it by at most (ε, δ) - every adapter update a "
-    "site sends, over all its rounds, and anything derived from them (the global adapter, "
-    "exported bundles, synthetic images).",
+    "distribution of everything trained on it by at most (ε, δ) - the trained weights, "
+    "every update a site sends over all its rounds, and anything derived from them (the "
+    "global model, exported bundles, synthetic images).",
     "Per site: ε_i and δ_i come from site i's own durable accountant; a federation's global "
     "guarantee is (max_i ε_i, max_i δ_i) because every image lives at exactly one site.",
     "δ is the probability-like slack of (ε, δ)-DP; it should be well below 1/n for a silo of "
