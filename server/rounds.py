@@ -163,25 +163,35 @@ class PlainRound:
         if len(msgs) > len(replies):
             rejected[f"<{len(msgs) - len(replies)} unanswered>"] = (
                 f"no reply within {cfg.round_timeout}s")
-        # both privacy records are durable before anything derived from the round exists
+        # what can fail comes first; then both privacy records are made durable; only then
+        # is anything derived from the round (the client-level noise, the release) made
+        mean = self._clipped_mean(reference, ok, sampled=len(msgs))
         client_level = self.cdp.commit_release().to_json() if self.cdp is not None else None
         entry = self.ledger.record_round(rnd, reports, rejected, client_level)
-        new = self._aggregate(rnd, adapter, reference, ok, sampled=len(msgs))
+        new = self._aggregate(rnd, adapter, reference, ok, mean, sampled=len(msgs))
         return RoundOutcome(new, len(ok), rejected, entry, client_level)
 
+    def _clipped_mean(self, reference: dict[str, np.ndarray], ok: list[Message], sampled: int
+                      ) -> dict[str, np.ndarray] | None:
+        """With client-level DP, the clipped fixed-denominator mean of the accepted updates
+        (no noise yet: it is drawn after the commit); else None."""
+        if self.cdp is None:
+            return None
+        updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
+                   for m in ok]
+        return self.cdp.clipped_mean(reference, updates, sampled=sampled)
+
     def _aggregate(self, rnd: int, adapter: dict[str, np.ndarray],
-                   reference: dict[str, np.ndarray], ok: list[Message], sampled: int
-                   ) -> dict[str, np.ndarray]:
+                   reference: dict[str, np.ndarray], ok: list[Message],
+                   mean: dict[str, np.ndarray] | None, sampled: int) -> dict[str, np.ndarray]:
         """The new global adapter from the accepted replies (the spend is on record)."""
         if len(ok) < self.cfg.min_replies:
             log.warning("round %d: %d accepted update(s), min-replies is %d; the global "
                         "adapter stays as it was (the sites' spend is on record)", rnd,
                         len(ok), self.cfg.min_replies)
             return adapter
-        if self.cdp is not None:  # equal weights, fixed denominator: every sampled site counts
-            updates = [{k: v.numpy() for k, v in m.content.array_records[ARRAYS].items()}
-                       for m in ok]
-            return {**adapter, **self.cdp.aggregate(reference, updates, sampled=sampled)}
+        if self.cdp is not None and mean is not None:  # equal weights, fixed denominator
+            return {**adapter, **self.cdp.release(reference, mean, sampled=sampled)}
         agg, _ = self.strategy.aggregate_valid(rnd, ok)
         if agg is None:
             return adapter
@@ -210,7 +220,9 @@ def make_round(grid: Grid, fed: Federation, node_site: NodeSites, strategy: Adap
 def sample(strategy: AdapterFedAvg, grid: Grid, fed: Federation, rnd: int,
            adapter: dict[str, np.ndarray], cdp: ClientLevelDP | None) -> list[Message]:
     """The round's instructions to the sampled sites; none (and why, logged) when the run
-    must stop: one more round would exceed the client-level budget, or no site can train."""
+    must stop: one more round would exceed the client-level budget, or no site can train.
+    Raises :class:`~dpfl.shared.errors.ConfigError`, before anything is sent, when
+    client-level DP's delta is not below 1 / the number of sites connected."""
     if cdp is not None and not cdp.can_release():
         log.warning("round %d: one more round would exceed the client-level budget "
                     "(epsilon %g); stopping", rnd, fed.cfg.client_dp_epsilon)
@@ -218,6 +230,8 @@ def sample(strategy: AdapterFedAvg, grid: Grid, fed: Federation, rnd: int,
     msgs = list(strategy.configure_train(
         rnd, ArrayRecord({k: Array(v) for k, v in adapter.items()}),
         ConfigRecord(fed.plan.to_record()), grid))
+    if cdp is not None:  # delta < 1 / sites, all connected ones; before anything is sent
+        cdp.check_sites(max(len(msgs), len(list(grid.get_node_ids()))))
     if not msgs:
         log.warning("round %d: no site can train (all exhausted or none connected); "
                     "stopping", rnd)

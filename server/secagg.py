@@ -14,7 +14,11 @@ so it runs inside our ``@app.main()``: this module drives it for one round, with
   and before the unmasking stage, so no aggregate exists before its spend is on record. It
   drops replies that cannot be summed (wrong number or shapes of masked tensors, a weight
   that is not 0 or the site's reported example count, or above ``max_weight``); SecAgg+
-  then removes them like sites that dropped out.
+  then removes them like sites that dropped out. Unless at least ``needed`` real updates
+  (positive weight, not withheld: ``secagg-min-contributions``, at least 2, or
+  ``min-replies`` if larger) enter the sum, *no* reply goes on: a "sum" of one update beside
+  zero-weight replies is that site's update in clear, so nothing is unmasked, the global
+  adapter stays as it was, and the ledger says why (``<secagg-min-contributions>``).
 
 What the coordinator can no longer check, the sites check before masking, with the same
 update check the coordinator applies to plain replies
@@ -200,10 +204,16 @@ class SecureRound:
         self.grid, self.cfg, self.plan = grid, cfg, plan
         self.ledger, self.node_site = ledger, node_site
         self.threshold, self.max_weight = cfg.secagg_threshold, cfg.secagg_max_weight
+        # fewest real updates in a sum that may be unmasked: never one site's update alone
+        self.needed = max(cfg.secagg_min_contributions, cfg.min_replies)
 
     def run(self, rnd: int, adapter: dict[str, np.ndarray], msgs: list[Message]
             ) -> RoundOutcome:
         keys = travelling_keys(adapter, self.cfg.ffa)
+        if len(msgs) < self.needed:  # before any site trains: nothing is spent
+            return self._release(rnd, adapter, keys, None, self._halted(
+                rnd, f"not started: {len(msgs)} site(s) sampled, fewer than the {self.needed} "
+                "real updates a sum must hold to be unmasked (secagg-min-contributions)"))
         shapes = [adapter[k].shape for k in keys]
         strategy = _Sampled(self.grid, [m.metadata.dst_node_id for m in msgs],
                             self._config(rnd, adapter))
@@ -212,7 +222,8 @@ class SecureRound:
                              max_weight=self.max_weight, clipping_range=CLIP_RANGE,
                              timeout=self.cfg.round_timeout)
         workflow(self.grid, self._context(rnd, adapter, strategy))
-        recorded = workflow.recorded or self._halted(rnd, workflow.stage)
+        recorded = workflow.recorded or self._halted(rnd, f"halted in its {workflow.stage} "
+                                                          "stage")
         return self._release(rnd, adapter, keys, strategy.aggregate, recorded)
 
     def _config(self, rnd: int, adapter: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -245,17 +256,18 @@ class SecureRound:
         if len(sent) > len(replies):
             rejected[f"<{len(sent) - len(replies)} unanswered>"] = (
                 f"no reply within {self.cfg.round_timeout}s")
-        min_replies = self.cfg.min_replies
-        if 0 < accepted < min_replies:
-            rejected["<min-replies>"] = (f"{accepted} accepted update(s), min-replies is "
-                                         f"{min_replies}: nothing is unmasked")
+        if accepted < self.needed:
+            rejected["<secagg-min-contributions>"] = (
+                f"{accepted} real update(s) in the secure sum, fewer than {self.needed} "
+                "(secagg-min-contributions, min-replies): nothing is unmasked, the global "
+                "adapter is kept")
         recorded = _Recorded(accepted, rejected, self.ledger.record_round(rnd, reports, rejected))
-        return (kept if accepted >= max(1, min_replies) else []), recorded
+        return (kept if accepted >= self.needed else []), recorded
 
-    def _halted(self, rnd: int, stage: str) -> _Recorded:
-        """SecAgg+ stopped before its masking stage: no site trained, nothing was spent, and
-        the round is on record all the same."""
-        why = {"<secagg>": f"SecAgg+ halted in its {stage} stage"}
+    def _halted(self, rnd: int, what: str) -> _Recorded:
+        """SecAgg+ stopped (or never started) before its masking stage: no site trained,
+        nothing was spent, and the round is on record all the same."""
+        why = {"<secagg>": f"SecAgg+ {what}"}
         return _Recorded(0, why, self.ledger.record_round(rnd, [], why))
 
     def _screen(self, rnd: int, replies: list[Message], sent: list[Message],
@@ -296,8 +308,8 @@ class SecureRound:
                  aggregate: list[np.ndarray] | None, recorded: _Recorded) -> RoundOutcome:
         """The round's outcome: the unmasked aggregate becomes the global adapter when it
         passes the update check; otherwise (or when nothing was unmasked) it stays as it was."""
-        if aggregate is None:
-            return RoundOutcome(adapter, recorded.accepted, recorded.rejected, recorded.entry)
+        if aggregate is None:  # nothing was unmasked: no update is in a release
+            return RoundOutcome(adapter, 0, recorded.rejected, recorded.entry)
         problem = self._aggregate_problem(adapter, keys, aggregate)
         if problem is not None:
             log.error("round %d: %s; the global adapter is kept", rnd, problem)

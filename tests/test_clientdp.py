@@ -89,3 +89,150 @@ def test_ledger_reports_client_level_beside_record_level(tmp_path):
 def test_client_dp_config_out_of_range_is_refused(bad):
     with pytest.raises(ConfigError, match="client-dp"):
         FedConfig(**bad)
+
+
+def test_zero_update_needs_no_clipping_and_does_not_crash(tmp_path):
+    """Issue 13, item 5: Flower's clipping helper divides by the update's norm, so an update
+    equal to the global adapter (norm 0) raised ZeroDivisionError. Norm 0: nothing to clip."""
+    cdp = _cdp(tmp_path)
+    ref = {"a": np.ones(3, np.float32), "b": np.zeros((2, 2), np.float32)}
+    same = {k: v.copy() for k, v in ref.items()}
+    moved = {"a": ref["a"] + np.array([0.0, 0.6, 0.0], np.float32), "b": ref["b"].copy()}
+    out = cdp.aggregate(ref, [same, moved], sampled=2)
+    np.testing.assert_allclose(out["a"], [1.0, 1.3, 1.0], atol=1e-6)
+    np.testing.assert_allclose(out["b"], 0.0, atol=1e-6)
+
+
+class _Grid:
+    """Answers every instruction with the reply ``answer(node)`` builds."""
+
+    def __init__(self, answer, nodes=2):
+        self.answer, self.nodes = answer, nodes
+
+    def get_node_ids(self):
+        return list(range(1, self.nodes + 1))
+
+    def send_and_receive(self, msgs, timeout=None):
+        replies = []
+        for msg in msgs:
+            reply = self.answer(msg.metadata.dst_node_id)
+            reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
+            replies.append(reply)
+        return replies
+
+
+def _plain_round(tmp_path, cdp, updates):
+    """A PlainRound over a grid whose node i replies with ``updates[i]`` and a full report."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from dpfl.server.rounds import PlainRound
+    from dpfl.server.strategy import AdapterFedAvg, NodeSites
+
+    def answer(node):
+        report = SiteReport(f"h{node}", 1.0, 1e-5, 10.0, 1.1, 0.1, 10, 40)
+        return Message(content=RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in updates[node].items()}),
+            "metrics": MetricRecord(report.to_metrics()),
+            "site": ConfigRecord({"site-id": f"h{node}"})}), dst_node_id=0, message_type="train")
+
+    msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="train") for n in updates]
+    for n, msg in zip(updates, msgs):
+        msg.metadata.__dict__["_message_id"] = f"m{n}"  # what the grid sets when it pushes
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    plain = PlainRound(_Grid(answer), FedConfig(client_dp_clip=0.5), ledger,
+                       NodeSites(tmp_path / "nodes.json"),
+                       AdapterFedAvg(excluded=lambda n: False), cdp)
+    return plain, msgs, ledger
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_round_with_a_real_zero_update_releases_and_spends_once(tmp_path):
+    """The same crash in a real round came after the ledger and the client-level release
+    were committed, so every crash burned client-level budget: now the round releases."""
+    cdp = _cdp(tmp_path, clip=0.5, budget=1e30)
+    adapter = {"w": np.zeros(4, np.float32)}
+    far = {"w": np.array([3.0, 4.0, 0.0, 0.0], np.float32)}  # norm 5, clipped to 0.5
+    plain, msgs, ledger = _plain_round(tmp_path, cdp, {1: dict(adapter), 2: far})
+    out = plain.run(1, adapter, msgs)
+    assert out.accepted == 2 and cdp.accountant.steps == 1 and ledger.last_round == 1
+    np.testing.assert_allclose(out.adapter["w"], [0.15, 0.2, 0.0, 0.0], atol=1e-6)
+    assert out.client_level["releases"] == 1
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_round_that_cannot_release_commits_nothing(tmp_path, monkeypatch):
+    """Everything that can fail comes before the commits: the client-level accountant and
+    the ledger stay untouched when the round's aggregate cannot be prepared."""
+    cdp = _cdp(tmp_path, clip=0.5, budget=1e30)
+    adapter = {"w": np.zeros(4, np.float32)}
+    plain, msgs, _ = _plain_round(tmp_path, cdp, {1: dict(adapter)})
+    before = (tmp_path / "cdp.json").read_bytes() if (tmp_path / "cdp.json").exists() else None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot prepare")
+
+    monkeypatch.setattr(cdp, "clipped_mean", broken)
+    with pytest.raises(RuntimeError, match="cannot prepare"):
+        plain.run(1, adapter, msgs)
+    assert cdp.accountant.steps == 0
+    after = (tmp_path / "cdp.json").read_bytes() if (tmp_path / "cdp.json").exists() else None
+    assert after == before
+    assert not (tmp_path / "ledger.json").exists()
+
+
+def test_client_level_noise_comes_from_the_os_csprng(tmp_path, monkeypatch):
+    """Issue 13, item 7: the coordinator's noise is Opacus' secure-mode construction over
+    os.urandom (dpfl.shared.privacy.securenoise), never a numpy generator."""
+    import os
+
+    drawn = []
+    urandom = os.urandom
+
+    def counting(n):
+        drawn.append(n)
+        return urandom(n)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("client-level noise must not come from numpy's PRNG")
+
+    cdp = _cdp(tmp_path, noise_multiplier=2.0, clip=0.5)
+    monkeypatch.setattr(os, "urandom", counting)
+    monkeypatch.setattr(np.random, "default_rng", forbidden)
+    monkeypatch.setattr(np.random, "normal", forbidden)
+    out = cdp.aggregate({"w": np.zeros(20_000, np.float32)}, [], sampled=4)["w"]
+    assert sum(drawn) >= 4 * 8 * 20_000  # four 64-bit draws per value
+    assert out.std() == pytest.approx(2.0 * 0.5 / 4, rel=0.03)
+
+
+def test_client_dp_delta_must_be_below_one_over_the_number_of_sites(tmp_path):
+    """Issue 13, item 7: the documented rule is enforced at configuration, against the
+    fewest sites a run has (max of min-train-nodes and min-available-nodes), and before
+    every round against the sites connected, before anything is sent."""
+    with pytest.raises(ConfigError, match="client-dp-delta=0.4 must be < 1 / number of sites"):
+        FedConfig(client_dp_clip=0.1, client_dp_delta=0.4, min_available_nodes=3)
+    with pytest.raises(ConfigError, match="client-dp-delta"):
+        FedConfig(client_dp_clip=0.1, client_dp_delta=0.5, min_train_nodes=2)
+    FedConfig(client_dp_clip=0.1, client_dp_delta=0.3, min_available_nodes=3)
+    FedConfig(client_dp_delta=0.9, min_available_nodes=3)  # client-level DP off: no rule
+    cdp = _cdp(tmp_path, delta=0.25)
+    cdp.check_sites(3)
+    with pytest.raises(ConfigError, match="client-dp-delta=0.25 must be < 1 / number of sites"):
+        cdp.check_sites(4)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_round_is_refused_when_more_sites_connect_than_delta_allows(tmp_path):
+    from types import SimpleNamespace
+
+    from dpfl.server.rounds import sample
+    from dpfl.server.strategy import AdapterFedAvg
+    from dpfl.shared.federation.config import RoundPlan
+
+    cfg = FedConfig(client_dp_clip=0.1, client_dp_delta=0.4)  # fine for the 1 site it asks for
+    fed = SimpleNamespace(cfg=cfg, plan=RoundPlan())
+    cdp = _cdp(tmp_path, delta=0.4, noise_multiplier=1.0)
+    strategy = AdapterFedAvg(excluded=lambda n: False)
+    assert len(sample(strategy, _Grid(None, nodes=2), fed, 1, {"w": np.zeros(2)}, cdp)) == 2
+    with pytest.raises(ConfigError, match="for the 3 sites connected"):
+        sample(strategy, _Grid(None, nodes=3), fed, 1, {"w": np.zeros(2)}, cdp)
+    assert cdp.accountant.steps == 0

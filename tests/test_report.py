@@ -109,11 +109,11 @@ def test_per_site_budgets_reruns_and_flags(tmp_path):
     doc = build_report(run.path)
     eps = plots(doc)["plot_epsilon.png"]
     assert eps["ε a"].x == [1, 2] and eps["ε a"].y == [1.0, 2.5]  # the rerun's record counts
-    assert eps["ε b"].y == [2.0, 2.0]  # the lower report is kept at the higher value
+    assert eps["ε b"].y == [2.0, 3.0]  # a lower report: a reset accountant, both histories add
     assert eps["budget a"].y == [5.0, 5.0] and eps["budget b"].y == [8.0, 8.0]
     write_report(run.path)
     md = (run / "report" / "report.md").read_text()
-    assert "below its earlier 2.0000" in md and "| 2 | yes |" in md
+    assert "below its earlier (epsilon 2.0000" in md and "| 2 | yes |" in md
 
 
 def test_client_level_guarantee_when_the_ledger_has_one(tmp_path):

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
     (dict(client_dp_clip=0.1), "client-dp-clip"),
     (dict(min_train_nodes=1), "min-train-nodes >= 2"),
     (dict(secagg_threshold=0.5), "secagg-threshold"),
-    (dict(secagg_max_weight=0.0), "secagg-max-weight")])
+    (dict(secagg_max_weight=0.0), "secagg-max-weight"),
+    (dict(secagg_min_contributions=1), "secagg-min-contributions"),
+    (dict(secagg_min_contributions=3), "min-train-nodes >= 3")])
 def test_secagg_config_refuses_what_it_cannot_do(bad, words):
     with pytest.raises(ConfigError, match=words):
         FedConfig(**{"secagg": True, "min_train_nodes": 2, **bad})
@@ -294,3 +296,64 @@ def test_unmasked_aggregate_is_checked_before_release(tmp_path):
         out = secure._release(1, adapter, keys, aggregate, recorded)
         assert out.adapter is adapter and out.accepted == 0
         assert why in out.rejected["<aggregate>"] and "h2" in out.rejected
+
+
+def _reported(site, weight, examples=40):
+    """A masking-stage reply of ``site`` with weight ``weight`` and a full privacy report."""
+    from dpfl.shared.federation.protocol import SiteReport
+
+    msg = _masked_reply([(1,), (2, 3), (4,)], weight, examples)
+    report = SiteReport(site, 1.0, 1e-5, 10.0, 1.1, 0.1, 10, examples, trained=bool(weight))
+    msg.content["metrics"] = MetricRecord(report.to_metrics())
+    msg.content["site"] = ConfigRecord({"site-id": site})
+    return msg
+
+
+def _secure_round(tmp_path, **cfg):
+    from dpfl.server.secagg import SecureRound
+    from dpfl.server.strategy import NodeSites
+    from dpfl.shared.federation.config import RoundPlan
+    from dpfl.shared.federation.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    cfg = FedConfig(**{"secagg": True, "min_train_nodes": 2, "secagg_max_weight": 64.0, **cfg})
+    return SecureRound(None, cfg, RoundPlan(), ledger, NodeSites(tmp_path / "nodes.json")), ledger
+
+
+def test_one_real_update_is_never_unmasked(tmp_path, task_identity):
+    """Issue 13, item 2: masks came off once max(1, min-replies) updates were accepted, and
+    min-replies defaults to 1: beside sites that withheld or were exhausted (weight 0), the
+    "sum" was one site's update in clear. Now fewer than secagg-min-contributions (>= 2)
+    real updates unmask nothing; every site's spend is still on record, with the reason."""
+    shapes = [(2, 3), (4,)]
+    secure, ledger = _secure_round(tmp_path)
+    one = [_reported("h0", 40), _reported("h1", 0), _reported("h2", 0)]
+    kept, recorded = secure._record(1, [], one, shapes)
+    assert kept == [] and recorded.accepted == 1
+    assert "fewer than 2" in recorded.rejected["<secagg-min-contributions>"]
+    on_disk = json.loads((tmp_path / "ledger.json").read_text())
+    assert sorted(on_disk["rounds"][0]["sites"]) == ["h0", "h1", "h2"]
+    assert "<secagg-min-contributions>" in on_disk["rounds"][0]["rejected"]
+    assert secure._release(1, {"a": np.zeros((2, 3)), "b": np.zeros(4)}, ["a", "b"], None,
+                           recorded).accepted == 0
+    two = [_reported("h0", 40), _reported("h1", 40), _reported("h2", 0)]
+    kept, recorded = secure._record(2, [], two, shapes)
+    assert kept == two and recorded.accepted == 2
+    assert "<secagg-min-contributions>" not in recorded.rejected
+    # configurable upward
+    (tmp_path / "three").mkdir()
+    secure, _ = _secure_round(tmp_path / "three", min_train_nodes=3, secagg_min_contributions=3)
+    kept, recorded = secure._record(1, [], two, shapes)
+    assert kept == [] and "fewer than 3" in recorded.rejected["<secagg-min-contributions>"]
+
+
+def test_too_few_sampled_sites_train_nothing(tmp_path, task_identity):
+    """When sampling found fewer sites than a sum needs (the others exhausted), the round
+    does not start: no site trains, nothing is spent, the ledger says why."""
+    secure, ledger = _secure_round(tmp_path)
+    adapter = {"a": np.zeros((2, 3), np.float32)}
+    msgs = [Message(content=RecordDict(), dst_node_id=1, message_type="train")]
+    out = secure.run(1, adapter, msgs)  # the grid (None) is never touched
+    assert out.adapter is adapter and out.accepted == 0
+    assert "not started: 1 site(s) sampled" in out.rejected["<secagg>"]
+    assert ledger.last_round == 1 and ledger.rounds[0]["sites"] == {}

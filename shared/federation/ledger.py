@@ -7,8 +7,14 @@ cumulative spend from its own accountant (which covers all its rounds, see
 round's aggregate is released or checkpointed, so a crash can only leave the ledger ahead
 of the model, never behind it.
 
-A site's reported epsilon can only grow: a report lower than an earlier one (a reset
-accountant) is kept at the earlier, higher value and flagged.
+A site's spend is the ledger's, not only the latest report's. Within one accountant
+history the reported epsilon and steps only grow, and the site's delta is the running
+maximum of what it reported. A report whose epsilon or cumulative steps fall below the
+previous one comes from a *new* history (a reset or replaced accountant): it is flagged, and
+the site's spend becomes the earlier history's plus the new one's, epsilon and delta each
+summed (basic composition, a valid upper bound for two histories on the same records; the
+maximum of the two would not be). A site whose composed epsilon reaches its budget is treated
+as exhausted and never sampled again.
 """
 
 from __future__ import annotations
@@ -66,19 +72,16 @@ class PrivacyLedger:
         # releasing its aggregate. The spend happened; both attempts stay on record.
         rerun = server_round == self.last_round
         for rep in reports:
-            prev = self.sites.get(rep.site)
-            eps = rep.epsilon
-            if prev is not None and eps < prev["epsilon"]:
-                msg = (f"round {server_round}: site {rep.site} reported epsilon {eps:.4f} "
-                       f"below its earlier {prev['epsilon']:.4f}; keeping the higher value")
-                log.warning(msg)
-                self.flags.append(msg)
-                eps = prev["epsilon"]
-            self.sites[rep.site] = {**asdict(rep), "epsilon": eps,
-                                    "last_round": server_round}
+            self.sites[rep.site], flag = _site_record(self.sites.get(rep.site), rep,
+                                                      server_round)
+            if flag:
+                log.warning(flag)
+                self.flags.append(flag)
         eps_g, delta_g = self.global_guarantee()
         entry = {"round": server_round, "rerun": rerun,
-                 "sites": {r.site: {**asdict(r), "epsilon": self.sites[r.site]["epsilon"]}
+                 "sites": {r.site: {**asdict(r), "epsilon": self.sites[r.site]["epsilon"],
+                                    "delta": self.sites[r.site]["delta"],
+                                    "reported_epsilon": r.epsilon, "reported_delta": r.delta}
                            for r in reports},
                  "rejected": rejected or {},
                  "global_epsilon": eps_g, "global_delta": delta_g}
@@ -97,8 +100,10 @@ class PrivacyLedger:
                 max(s["delta"] for s in self.sites.values()))
 
     def exhausted(self, site: str) -> bool:
+        """Whether ``site`` said so, or its spend on record (composed over accountant
+        resets) has reached its budget."""
         s = self.sites.get(site)
-        return bool(s and s["exhausted"])
+        return bool(s and (s["exhausted"] or s["epsilon"] >= s["budget"]))
 
     def save(self) -> None:
         atomic_write_json(self.path, {"rounds": self.rounds, "sites": self.sites,
@@ -112,7 +117,9 @@ class PrivacyLedger:
                  f"{'examples':>10}  status"]
         for name in sorted(self.sites):
             s = self.sites[name]
-            status = "exhausted" if s["exhausted"] else "active"
+            status = "exhausted" if self.exhausted(name) else "active"
+            if s.get("resets"):
+                status += f", {s['resets']} accountant reset(s) composed"
             lines.append(f"{name:<16}{s['epsilon']:>10.3f}{s['budget']:>10.3f}"
                          f"{s['delta']:>10.1e}{s['steps']:>8d}{s['examples']:>10d}  {status}")
         eps, delta = self.global_guarantee()
@@ -124,6 +131,37 @@ class PrivacyLedger:
                          f"delta={c['delta']:.1e} (noise z={c['noise_multiplier']:g}, clip "
                          f"{c['clip']:g}, {c['releases']} release(s))")
         return "\n".join(lines)
+
+
+def _site_record(prev: dict[str, Any] | None, rep: SiteReport, server_round: int
+                 ) -> tuple[dict[str, Any], str | None]:
+    """A site's ledger record after its report ``rep``, and a flag when the report starts
+    a new accountant history. ``epsilon``/``delta``: the site's spend on record, the closed
+    histories' (``earlier_*``) plus the current one's (its last reported epsilon, the running
+    maximum of its reported delta, ``reported_epsilon`` and ``history_delta``)."""
+    earlier_eps, earlier_delta, resets, flag = 0.0, 0.0, 0, None
+    hist_delta = rep.delta
+    if prev is not None:
+        earlier_eps = float(prev.get("earlier_epsilon", 0.0))
+        earlier_delta = float(prev.get("earlier_delta", 0.0))
+        resets = int(prev.get("resets", 0))
+        last_eps = float(prev.get("reported_epsilon", prev["epsilon"]))
+        last_delta = float(prev.get("history_delta", prev["delta"]))
+        if rep.epsilon < last_eps or rep.steps < int(prev["steps"]):
+            earlier_eps, earlier_delta = earlier_eps + last_eps, earlier_delta + last_delta
+            resets += 1
+            flag = (f"round {server_round}: site {rep.site} reported (epsilon {rep.epsilon:.4f}, "
+                    f"{rep.steps} steps) below its earlier (epsilon {last_eps:.4f}, "
+                    f"{prev['steps']} steps): its accountant was reset or replaced. The two "
+                    "histories are composed (epsilon and delta summed): "
+                    f"epsilon {earlier_eps + rep.epsilon:.4f}, "
+                    f"delta {earlier_delta + rep.delta:.1e}")
+        else:
+            hist_delta = max(rep.delta, last_delta)
+    return {**asdict(rep), "epsilon": earlier_eps + rep.epsilon,
+            "delta": earlier_delta + hist_delta, "reported_epsilon": rep.epsilon,
+            "history_delta": hist_delta, "earlier_epsilon": earlier_eps,
+            "earlier_delta": earlier_delta, "resets": resets, "last_round": server_round}, flag
 
 
 def read_ledger(path: str | Path) -> dict[str, Any]:
