@@ -1,14 +1,17 @@
 """The durable per-client accountant: Opacus' numbers, persistence, budget refusal."""
 
 import json
+import math
+import tracemalloc
 
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+import dpfl.shared.privacy.accountant as accountant_mod
 from dpfl.shared.errors import BudgetExhausted, ConfigError, StateError
 from dpfl.shared.ldm.lora import LoraSpec
-from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.accountant import PersistentAccountant, epsilon_of
 from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
 
 
@@ -112,3 +115,92 @@ def test_calibrated_sigma_meets_target_over_planned_run(tiny_ldm, tmp_path):
     assert acc.predict_epsilon(res.sigma, res.sample_rate, 18) == pytest.approx(3.0, abs=0.02)
     assert acc.predict_epsilon(res.sigma, res.sample_rate, 18) <= 3.0
     assert res.epsilon == pytest.approx(_rdp(res.sigma, 0.5, 2, 1e-3))
+
+
+# -- refusals before Opacus runs (issue 13, item 7) ---------------------------------------
+@pytest.fixture
+def no_prv_maths(monkeypatch):
+    """Opacus' PRV discretisation (where σ = 0 overflowed and a tiny σ asked for 84 GiB and
+    more) must never be reached by a refused history."""
+    def boom(*args, **kwargs):
+        raise AssertionError("Opacus' PRV discretisation ran on a history it cannot compute")
+
+    monkeypatch.setattr(PRVAccountant, "_get_dprv", boom)
+
+
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_sigma_zero_is_refused_clearly_for_both_kinds(tmp_path, kind, no_prv_maths):
+    acc = PersistentAccountant.open(tmp_path / "a.json", kind=kind, delta=1e-5, budget=1e6)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match=rf"{kind} accountant.*sigma=0"):
+            epsilon_of([(0.0, 0.01, 100)], 1e-5, kind)
+        with pytest.raises(ConfigError, match=rf"{kind} accountant.*sigma=0"):
+            acc.commit(0.0, 0.5, 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20
+    assert PersistentAccountant.load(tmp_path / "a.json").steps == 0
+
+
+@pytest.mark.parametrize("sigma", [1e-3, 1e-6])
+def test_tiny_sigma_is_refused_by_prv_before_it_allocates(tmp_path, sigma, no_prv_maths):
+    acc = PersistentAccountant.open(tmp_path / "a.json", kind="prv", delta=1e-5, budget=1e6)
+    tracemalloc.start()
+    try:
+        for q, steps in [(0.5, 10), (0.01, 100), (0.01, 10_000)]:
+            with pytest.raises(ConfigError, match=rf"prv accountant.*sigma={sigma:g}.*rdp"):
+                acc.commit(sigma, q, steps)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20
+    assert PersistentAccountant.load(tmp_path / "a.json").steps == 0
+
+
+def test_tiny_sigma_under_rdp_is_a_finite_epsilon_refused_by_the_budget(tmp_path):
+    acc = PersistentAccountant.open(tmp_path / "a.json", kind="rdp", delta=1e-5, budget=1e6)
+    assert 1e6 < epsilon_of([(1e-3, 0.5, 10)], 1e-5, "rdp") < math.inf
+    with pytest.raises(BudgetExhausted):
+        acc.commit(1e-3, 0.5, 10)
+    assert PersistentAccountant.load(tmp_path / "a.json").steps == 0
+
+
+def test_a_realistic_prv_history_is_still_computed(tmp_path):
+    acc = PersistentAccountant.open(tmp_path / "a.json", kind="prv", delta=1e-5, budget=100)
+    acc.commit(0.8, 0.02, 300)
+    assert 0 < acc.epsilon() < 100
+
+
+def test_nan_epsilon_or_nan_sigma_never_passes_the_budget(tmp_path, monkeypatch):
+    acc = PersistentAccountant.open(tmp_path / "a.json", delta=1e-5, budget=5.0)
+    with pytest.raises(ConfigError, match="nan"):  # used to be committed with a NaN epsilon
+        acc.commit(float("nan"), 0.01, 10)
+    with pytest.raises(ConfigError):
+        acc.commit(1.0, float("nan"), 10)
+    monkeypatch.setattr(accountant_mod, "epsilon_of", lambda *a, **k: float("nan"))
+    with pytest.raises(BudgetExhausted, match="nan"):
+        acc.check_budget(1.0, 0.01, 10)
+    with pytest.raises(BudgetExhausted):
+        acc.commit(1.0, 0.01, 10)
+    assert PersistentAccountant.load(tmp_path / "a.json").steps == 0
+
+
+def test_calibration_treats_refused_or_nan_epsilon_as_too_little_noise(monkeypatch):
+    """Opacus' bisection walks σ down towards the target; a σ the accountant refuses (or
+    a NaN ε) must push σ up, never crash or be accepted."""
+    import dpfl.shared.privacy.dpsgd as dpmod
+
+    def fake(history, delta, kind):
+        sigma = history[0][0]
+        if sigma < 0.5:
+            raise ConfigError("the prv accountant cannot account for sigma")
+        return float("nan") if sigma < 0.8 else 4.0 / sigma
+
+    monkeypatch.setattr(dpmod, "epsilon_of", fake)
+    sigma = dpmod.calibrate_sigma(100.0, 1e-5, 0.01, 100, "prv")
+    assert 0.8 <= sigma < 0.81 and fake([(sigma, 0.01, 100)], 1e-5, "prv") <= 100.0
+    assert dpmod.calibrate_sigma(2.0, 1e-5, 0.01, 100, "prv") == pytest.approx(2.0, rel=0.01)
+    with pytest.raises(ConfigError, match="no sigma"):
+        dpmod.calibrate_sigma(1e-9, 1e-5, 0.01, 100, "prv")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
 from dpfl.shared.errors import BudgetExhausted, ConfigError, StateError
 from dpfl.shared.io import atomic_write_json
@@ -50,10 +51,54 @@ def _merge(history: list[tuple[float, float, int]], sigma: float, q: float, step
     return out
 
 
+#: the most grid points Opacus' PRV accountant may discretise a history on (about 16.8
+#: million; each array is then ~130 MiB). Past it the PRV needs ever more memory: a tiny σ
+#: asks for exabytes. Realistic σ (>= 0.5) with up to 10^5 steps needs a few million.
+PRV_MAX_POINTS = 2**24
+#: Opacus' PRV defaults (``PRVAccountant.get_epsilon``): ε error, and δ error as δ / 1000
+_PRV_EPS_ERROR, _PRV_DELTA_ERROR = 0.01, 1e-3
+
+
+def _prv_points(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Grid points Opacus' PRV accountant would allocate for ``history`` (its own safe
+    domain size, from cheap RDP bounds, over its mesh); infinite when σ = 0."""
+    prvs = [PoissonSubsampledGaussianPRV(q, s) for s, q, _ in history]
+    steps = [int(n) for _, _, n in history]
+    delta_error = delta * _PRV_DELTA_ERROR
+    half_width = compute_safe_domain_size(prvs=prvs, max_self_compositions=steps,
+                                          eps_error=_PRV_EPS_ERROR, delta_error=delta_error)
+    mesh = _PRV_EPS_ERROR / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    return 2 * half_width / mesh
+
+
+def _check_computable(history: list[tuple[float, float, int]], delta: float, kind: str) -> None:
+    """Refuse, before Opacus runs, a history whose ε cannot be computed: σ = 0 (no noise,
+    no (ε, δ) guarantee at all) for every kind, and for ``prv`` a σ so small that Opacus
+    would need more than :data:`PRV_MAX_POINTS` grid points (it would die of an overflow or
+    an out-of-memory error instead)."""
+    for s, q, n in history:
+        if not (s > 0 and math.isfinite(s)) or not 0 < q <= 1 or not n >= 0:
+            raise ConfigError(f"the {kind} accountant cannot account for sigma={s!r}, q={q!r}, "
+                              f"steps={n!r}: sigma must be a finite number > 0 (sigma=0 adds "
+                              "no noise and gives no (epsilon, delta) guarantee), 0 < q <= 1")
+    if kind != "prv":
+        return
+    points = _prv_points([h for h in history if h[2] > 0], delta)
+    if not points <= PRV_MAX_POINTS:
+        sigmas = ", ".join(f"{s:g}" for s in sorted({h[0] for h in history}))
+        raise ConfigError(f"the prv accountant cannot account for sigma={sigmas} over "
+                          f"{sum(h[2] for h in history)} steps: it would discretise on "
+                          f"{points:.3g} points (at most {PRV_MAX_POINTS}); such a small sigma "
+                          "means an epsilon far above any sensible budget. Raise sigma (or "
+                          "lower target-epsilon), or use the rdp accountant")
+
+
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, kind: str) -> float:
-    """ε of a history, computed by Opacus' own accountant of the given kind."""
-    if not history:
+    """ε of a history, computed by Opacus' own accountant of the given kind; a history
+    it cannot compute (σ = 0, or a σ too small for ``prv``) raises :class:`ConfigError`."""
+    if not any(h[2] for h in history):
         return 0.0
+    _check_computable(history, delta, kind)
     acc = KINDS[kind]()
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
@@ -147,7 +192,7 @@ class PersistentAccountant:
     def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Predicted ε after the planned steps; :class:`BudgetExhausted` if over budget."""
         predicted = self.predict_epsilon(noise_multiplier, sample_rate, steps)
-        if predicted > self.budget:
+        if not predicted <= self.budget:  # a NaN prediction is refused too
             raise BudgetExhausted(
                 f"training {steps} more steps (sigma={noise_multiplier:.4g}, q={sample_rate:.4g}) "
                 f"would bring epsilon to {predicted:.4f}, over this client's budget of "
@@ -161,7 +206,7 @@ class PersistentAccountant:
 
         Call before the steps are taken. Refuses (:class:`BudgetExhausted`) over budget.
         """
-        if steps < 0 or not 0 < sample_rate <= 1 or noise_multiplier < 0:
+        if not (steps >= 0 and 0 < sample_rate <= 1 and noise_multiplier >= 0):  # NaN fails
             raise ConfigError(f"cannot record steps={steps}, q={sample_rate}, "
                               f"sigma={noise_multiplier}")
         self.check_budget(noise_multiplier, sample_rate, steps)

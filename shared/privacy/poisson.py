@@ -13,12 +13,21 @@ numbers are asked from Opacus' own loader, built the way ``make_private`` builds
 (no data is read), rather than recomputed: a site's planned steps
 (``dpfl.client.site.Site.dp_config``), a call's calibration and its ledger commit
 (:func:`dpfl.shared.privacy.dpsgd.dp_sgd`, which also checks the real loader against them).
+
+In secure mode the draws themselves come from the OS CSPRNG (:func:`secure_loader`), as
+Opacus' own secure mode draws them from torchcsprng (which has no release for current
+torch): which examples a step used must be as unpredictable as the noise.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 from opacus.data_loader import DPDataLoader
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpfl.shared.errors import ConfigError
@@ -50,3 +59,43 @@ def dp_steps(n: int, batch_size: int, epochs: int = 1) -> int:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
     return epochs * steps_per_epoch(n, batch_size)
+
+
+def urandom_uniform(n: int) -> np.ndarray:
+    """``n`` independent uniforms in [0, 1) from ``os.urandom`` (53 random bits each)."""
+    bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return bits.astype(np.float64) * 2.0 ** -53
+
+
+class OSEntropyPoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson batch sampler whose inclusions come from :func:`urandom_uniform`:
+    each step includes every example independently with probability ``sample_rate``
+    (``u < q``, as Opacus draws it); no torch or numpy generator is read or advanced."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield np.flatnonzero(urandom_uniform(self.num_samples) < self.sample_rate).tolist()
+
+
+class OSEntropyPoissonLoader(DataLoader):
+    """Opacus' Poisson loader ``dp_loader`` (its dataset, empty-batch collate, rate and
+    steps per epoch, so :func:`steps_per_epoch` stays the one rule) drawing its batches
+    with :class:`OSEntropyPoissonSampler`. ``sample_rate`` is Opacus' attribute."""
+
+    def __init__(self, dp_loader: DPDataLoader):
+        sampler = OSEntropyPoissonSampler(num_samples=len(dp_loader.dataset),  # type: ignore[arg-type]
+                                          sample_rate=dp_loader.sample_rate,
+                                          steps=len(dp_loader))
+        # the loader's own generator seeds worker processes only; never the sampling
+        super().__init__(dp_loader.dataset, batch_sampler=sampler,
+                         collate_fn=dp_loader.collate_fn, num_workers=dp_loader.num_workers,
+                         pin_memory=dp_loader.pin_memory, generator=dp_loader.generator)
+        self.sample_rate = dp_loader.sample_rate
+
+
+def secure_loader(dp_loader: DataLoader) -> OSEntropyPoissonLoader:
+    """:class:`OSEntropyPoissonLoader` in place of Opacus' (single-process) Poisson loader."""
+    if not isinstance(dp_loader, DPDataLoader) or dp_loader.distributed:
+        raise ConfigError(f"secure Poisson sampling replaces Opacus' single-process "
+                          f"DPDataLoader, got {type(dp_loader).__name__}")
+    return OSEntropyPoissonLoader(dp_loader)
