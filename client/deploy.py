@@ -3,7 +3,7 @@ authenticates with the site's private key, and serves the dpfl ClientApp.
 
 The site's own settings travel as the SuperNode's node config (kebab-case keys of
 :class:`dpfl.shared.federation.config.SiteConfig`: site-id, data, base-model, state-dir,
-epsilon-budget, delta, accountant, max-physical-batch, secure-mode, device). They are
+epsilon-budget, delta, accountant, max-physical-batch, secure-mode, device, label-map). They are
 validated here before anything starts, and again by the ClientApp for every message; the
 coordinator cannot change them.
 
@@ -35,7 +35,8 @@ def node_config_arg(site: SiteConfig) -> str:
     pairs = []
     for f in dataclasses.fields(site):
         value = getattr(site, f.name)
-        if f.name in ("data", "base_model", "state_dir") and not str(value).startswith("fmnist:"):
+        if f.name in ("data", "base_model", "state_dir", "label_map") and value \
+                and not str(value).startswith("fmnist:"):
             value = str(Path(value).expanduser().resolve())
         if isinstance(value, bool):
             text = "true" if value else "false"

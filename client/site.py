@@ -13,6 +13,8 @@ would give no privacy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 from pathlib import Path
@@ -25,6 +27,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from dpfl.shared.data.encode import encode_silo
+from dpfl.shared.data.labels import read_label_map
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import BudgetExhausted, DataError, IncompatibleAdapter, ModelError
 from dpfl.shared.federation.config import RoundPlan, SiteConfig
@@ -64,6 +67,14 @@ def _read_cache(cache: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
+def _cache_name(ldm: LatentDiffusion, label_map: dict[str, str] | None) -> str:
+    """The latent cache's file name: the base model's fingerprint and how labels were
+    matched (by name, with this label map), so a cache of other labels is never reused."""
+    labels = json.dumps({"match": "by-name", "label-map": label_map}, sort_keys=True)
+    tag = hashlib.sha256(labels.encode()).hexdigest()[:8]
+    return f"latents-{ldm.card['verified'].split(':')[-1][:16]}-{tag}.safetensors"
+
+
 class Site:
     """A site's persistent state lives in ``cfg.state_dir``; this object only caches it."""
 
@@ -86,15 +97,18 @@ class Site:
         return ldm
 
     def silo(self, ldm: LatentDiffusion) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of the site's images under the frozen encoder, cached on the site's disk."""
+        """Latents of the site's images under the frozen encoder and their labels as base
+        model classes, matched by class name or the site's label map (never by position);
+        cached on the site's disk."""
         if self._silo is not None:
             return self._silo
-        cache = self.state_dir / f"latents-{ldm.card['verified'].split(':')[-1][:16]}.safetensors"
+        label_map = read_label_map(self.cfg.label_map)
+        cache = self.state_dir / _cache_name(ldm, label_map)
         if cache.exists():
             self._silo = _read_cache(cache)
         if self._silo is None:
-            data = load_source(self.cfg.data)
-            z, y = encode_silo(ldm, data)
+            data = load_source(self.cfg.data, base_card=ldm.card)
+            z, y = encode_silo(ldm, data, label_map)
             # atomic: a site killed while writing must not find a torn cache on restart
             atomic_write_bytes(cache, save_tensors({"latents": z.contiguous(),
                                                     "labels": y.contiguous()}))

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from dpfl.shared.data.encode import encode_silo
+from dpfl.shared.data.encode import encode_silo, in_base_classes
+from dpfl.shared.data.labels import read_label_map
 from dpfl.shared.data.readers import ImageSet
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.ldm.lora import LoraSpec, merged_unet, save_adapter
-from dpfl.shared.ldm.models import load_ldm
+from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
 from dpfl.shared.ldm.sampling import class_grid
 from dpfl.shared.privacy.accountant import PersistentAccountant
 from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
@@ -49,13 +50,17 @@ class TrainJob:
     settings.
 
     Attributes:
-        data: data source (image folder, .npz, IDX, ``fmnist:private``...).
+        data: data source (image folder, .npz, IDX, ``fmnist:private``...); its classes
+            are matched to the base model's by name (:mod:`dpfl.shared.data.labels`), and
+            ``fmnist:private`` is the private part of the base model's own split.
         model: base model directory (diffusers format).
         run_dir: output run directory.
         limit: use only the first ``limit`` examples of a seeded shuffle (0: all).
         budget: ε budget of the client's ledger (default: the DP target ε).
         accountant_file: ledger path (default ``RUN_DIR/accountant.json``).
         sample_steps, per_class, guidance: DDIM settings of the sample grids.
+        label_map: JSON label map {"silo class": "base class"} for classes not named
+            exactly after a base class (None: names only).
     """
 
     data: str
@@ -67,16 +72,20 @@ class TrainJob:
     sample_steps: int = 50
     per_class: int = 8
     guidance: float = 1.0
+    label_map: str | None = None
 
     def __post_init__(self) -> None:
         if self.limit < 0 or self.sample_steps < 1 or self.per_class < 1 or self.guidance < 0:
             raise ConfigError("limit must be >= 0, sample_steps and per_class >= 1, guidance >= 0")
 
 
-def open_silo_and_ledger(job: TrainJob, dp: DPConfig, rd: RunDir
+def open_silo_and_ledger(job: TrainJob, dp: DPConfig, rd: RunDir, ldm: LatentDiffusion
                          ) -> tuple[ImageSet, PersistentAccountant, Path]:
-    """The job's silo (seeded subset when ``job.limit``) and its ledger (opened or created)."""
-    ds = load_source(job.data)
+    """The job's silo in the base model's classes (seeded subset when ``job.limit``) and its
+    ledger (opened or created). A silo whose classes do not match the base model's, or a
+    private split other than the base model's, is refused before the ledger is opened."""
+    ds = in_base_classes(ldm, load_source(job.data, base_card=ldm.card),
+                         read_label_map(job.label_map))
     if job.limit and job.limit < len(ds):
         idx = np.random.default_rng(dp.seed).permutation(len(ds))[:job.limit]
         ds = ds.subset(np.sort(idx))
@@ -93,7 +102,7 @@ def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True
     """Run the job; returns a summary (ε, steps, paths)."""
     rd = RunDir(job.run_dir)
     ldm = load_ldm(job.model)
-    ds, accountant, acc_path = open_silo_and_ledger(job, dp, rd)
+    ds, accountant, acc_path = open_silo_and_ledger(job, dp, rd, ldm)
     rd.write_config({"job": dataclasses.asdict(job), "lora": dataclasses.asdict(lora),
                      "dp": dataclasses.asdict(dp)}, examples=len(ds), data=ds.source,
                     base_fingerprint=ldm.card.get("fingerprint"))

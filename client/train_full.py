@@ -90,7 +90,7 @@ def run_train_full(job: TrainJob, dp: DPConfig, init: str = "scratch", ema_decay
     rd = RunDir(job.run_dir)
     base = load_ldm(job.model)
     start = _start(base, init, dp.seed)
-    ds, accountant, acc_path = open_silo_and_ledger(job, dp, rd)
+    ds, accountant, acc_path = open_silo_and_ledger(job, dp, rd, base)
     rd.write_config({"job": dataclasses.asdict(job), "mode": "full", "init": init,
                      "ema_decay": ema_decay, "dp": dataclasses.asdict(dp)},
                     examples=len(ds), data=ds.source, protocol=INITS[init],

@@ -16,6 +16,10 @@ Each run directory gets ``evaluation/evaluation.json`` (:mod:`dpfl.shared.eval.e
 report (``report/report.html``) and ``row.json``; the parent folder collects every row in
 ``results.jsonl`` and renders ``results.md``, the table ``docs/results.md`` quotes.
 
+The private data is always the private part of the base model's own split (its model card
+records the public part it was pretrained on, ``fmnist:public`` = seed 0): ``--seed`` seeds
+training, partitioning and evaluation, never the split (:func:`private_data`).
+
 Presets set the size: ``tiny`` (seconds of DP training, for tests), ``cpu`` (minutes on 2 CPU
 cores), ``fulldata`` (all 45,000 private images and 60,000 synthetic ones, DP training cut
 to about an hour of 2 CPU cores per row), ``full`` (the paper-size protocol: 60,000
@@ -149,6 +153,24 @@ def machine() -> str:
     return words
 
 
+def private_data(exp: Experiment) -> str:
+    """The experiment's private data: the private part of the split whose public part
+    trained the base model (its model card's ``data``), whatever ``exp.seed`` is. ``--seed``
+    seeds training, partitioning and evaluation; another split's private part would hold
+    images the base model saw."""
+    from dpfl.shared.data.sources import model_card, pretrain_split_seed
+
+    card = model_card(exp.base_model)
+    seed = pretrain_split_seed(card)
+    if seed is None:
+        raise ConfigError(f"base model {exp.base_model}: its model card names its pretraining "
+                          f"data {card.get('data')!r}, not the standard split's public part "
+                          "(fmnist:public[@SEED]), so no private split is known to be disjoint "
+                          "from it; pretrain it with 'dpfl-server pretrain --data "
+                          "fmnist:public' or pass such a base model")
+    return f"fmnist:private@{seed}"
+
+
 def _eval_config(exp: Experiment, **kw: Any):
     from dpfl.shared.eval.evaluate import EvalConfig
 
@@ -159,7 +181,8 @@ def _eval_config(exp: Experiment, **kw: Any):
                       device=exp.device, **kw)
 
 
-def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _federated(exp: Experiment, run: Path, data: str
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     from dpfl.server.simulate import SimulationSetup, simulate
     from dpfl.shared.federation.config import FedConfig
     from dpfl.shared.federation.ledger import PrivacyLedger
@@ -172,7 +195,7 @@ def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, An
                     lora_alpha=2.0 * s.lora_rank, seed=exp.seed,
                     min_available_nodes=s.num_sites, sample_every=s.rounds,
                     sample_steps=s.sample_steps)
-    setup = SimulationSetup(data=f"fmnist:private@{exp.seed}", num_sites=s.num_sites,
+    setup = SimulationSetup(data=data, num_sites=s.num_sites,
                             scheme="dirichlet", alpha=0.5, max_examples=s.max_examples,
                             epsilon_budget=exp.epsilon, delta=exp.delta, seed=exp.seed)
     simulate(cfg, setup)
@@ -181,13 +204,14 @@ def _federated(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, An
             {"model": exp.base_model, "adapter": str(run / "adapter")})
 
 
-def _central(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _central(exp: Experiment, run: Path, data: str
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
     from dpfl.client.train import TrainJob, run_train
     from dpfl.shared.ldm.lora import LoraSpec
     from dpfl.shared.privacy.dpsgd import DPConfig
 
     s = exp.sizes
-    job = TrainJob(data=f"fmnist:private@{exp.seed}", model=exp.base_model, run_dir=str(run),
+    job = TrainJob(data=data, model=exp.base_model, run_dir=str(run),
                    limit=s.max_examples, sample_steps=s.sample_steps)
     lora = LoraSpec(preset=s.lora_preset, rank=s.lora_rank, alpha=2.0 * s.lora_rank)
     dp = DPConfig(target_epsilon=exp.epsilon, delta=exp.delta, batch_size=s.batch_size,
@@ -199,13 +223,14 @@ def _central(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]
             {"model": exp.base_model, "adapter": out["adapter"]})
 
 
-def _scratch(exp: Experiment, run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _scratch(exp: Experiment, run: Path, data: str
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
     from dpfl.client.train import TrainJob
     from dpfl.client.train_full import run_train_full
     from dpfl.shared.privacy.dpsgd import DPConfig
 
     s = exp.sizes
-    job = TrainJob(data=f"fmnist:private@{exp.seed}", model=exp.base_model, run_dir=str(run),
+    job = TrainJob(data=data, model=exp.base_model, run_dir=str(run),
                    limit=s.max_examples, sample_steps=s.sample_steps)
     dp = DPConfig(target_epsilon=exp.epsilon, delta=exp.delta, batch_size=s.batch_size,
                   max_physical_batch=min(16, s.batch_size),
@@ -225,15 +250,16 @@ def run_experiment(exp: Experiment, command: str | None = None) -> dict[str, Any
     start = time.perf_counter()
     s = exp.sizes
     trainers = {"federated": _federated, "central": _central, "scratch": _scratch}
+    data = private_data(exp) if exp.setting != "floor" else ""  # refused before training
     if exp.private:
-        privacy, gen = trainers[exp.setting](exp, run)
+        privacy, gen = trainers[exp.setting](exp, run, data)
     else:  # nothing trains: the configuration is the whole run
         RunDir(run).write_config(exp, sizes=dataclasses.asdict(s))
         if exp.setting == "floor":
             privacy, gen = {"epsilon": 0.0, "delta": 0.0}, {"model": exp.base_model}
         else:
             privacy = {"epsilon": float("inf"), "delta": 0.0}
-            gen = {"train_real": f"fmnist:private@{exp.seed}", "train_per_class": s.per_class}
+            gen = {"train_real": data, "train_per_class": s.per_class}
     trained = time.perf_counter() - start
     record = evaluate(_eval_config(exp, **gen), run / "evaluation")
     try_write_report(run)

@@ -1,4 +1,4 @@
-"""Bad input (issue #7): a test per row of docs/bad-input.md (rows 1-13; rows 14-15, keys
+"""Bad input (issue #7): a test per row of docs/bad-input.md (rows 1-13, 16-17; rows 14-15, keys
 and certificates, are in test_bad_input_tls.py). Each bad input gets an error of dpfl's own
 type whose message names the file, key or value, and loses nothing: the silo and the state
 directory are not modified, the accountant is not touched, the other sites' updates still
@@ -195,6 +195,44 @@ def test_label_out_of_range_is_named(tmp_path, base, caplog, labels, names, expe
     silo = _npz(tmp_path / "labels.npz", labels=labels * 8, class_names=names)
     logged = _refused_by_site(tmp_path, base, silo, caplog)
     assert "labels.npz" in logged and re.search(expected, logged), logged
+
+
+# -- rows 16-17: classes and splits that do not fit the base model -------------------------
+@pytest.mark.parametrize("case", ["foreign-folders", "foreign-npz", "label-map-to-no-class"])
+def test_classes_that_match_no_base_class_are_refused(tmp_path, base, caplog, case):
+    """Labels are matched by class name, never by position: a silo class that names no base
+    class is refused at the site, listing both sets of names, and nothing is spent."""
+    site_kw = {}
+    if case == "foreign-npz":
+        silo = _npz(tmp_path / "silo.npz", class_names=["benign", "malignant", "Bag"])
+    else:
+        silo = _folder(tmp_path / "silo")
+        (silo / "0").rename(silo / "benign")
+        (silo / "1").rename(silo / "malignant")
+    if case == "label-map-to-no-class":
+        (tmp_path / "map.json").write_text('{"benign": "Bag", "malignant": "Malignant"}')
+        site_kw["label_map"] = str(tmp_path / "map.json")
+    logged = _refused_by_site(tmp_path, base, silo, caplog, **site_kw)
+    if case == "label-map-to-no-class":
+        assert "the label map names ['Malignant'], which are not classes" in logged
+    else:
+        assert "['benign', 'malignant'] match no class of the base model" in logged
+        assert "Silo classes: ['benign', 'malignant'" in logged and "'Ankle boot']" in logged
+
+
+def test_private_split_other_than_the_base_models_is_refused(tmp_path, base):
+    """fmnist:private@1 holds images that trained a base model pretrained on fmnist:public
+    (seed 0): refused before any image is read, nothing spent."""
+    base_dir = save_ldm(build_ldm("tiny", seed=0), tmp_path / "carded",
+                        card={"data": "fmnist:public"})
+    acc_bytes = _spent(tmp_path / "state")
+    site = _site(tmp_path, "fmnist:private@1", base_dir)
+    plan = _plan(base[1])
+    with pytest.raises(DataError, match="site's own log") as err:
+        site.train_round(plan, _global(plan))
+    assert "holds images the base model saw. Use fmnist:private@0" in str(err.value.__cause__)
+    assert (tmp_path / "state" / "accountant.json").read_bytes() == acc_bytes
+    assert not list((tmp_path / "state").glob("latents-*"))
 
 
 # -- row 6: base model ---------------------------------------------------------------------

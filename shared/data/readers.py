@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpfl.shared.data.labels import folder_class_name
 from dpfl.shared.errors import DataError
 from dpfl.shared.ldm.models import pad_center
 
@@ -85,7 +86,8 @@ def read_idx_array(path: str | Path) -> np.ndarray:
 
 def read_idx(images_path: str | Path, labels_path: str | Path,
              class_names: tuple[str, ...] | None = None) -> ImageSet:
-    """An MNIST-format pair of IDX files -> :class:`ImageSet`."""
+    """An MNIST-format pair of IDX files -> :class:`ImageSet`. Without ``class_names`` the
+    classes are named ``0``, ``1``, ...: the labels keep index semantics."""
     x = read_idx_array(images_path)
     y = read_idx_array(labels_path)
     if x.ndim == 3:
@@ -140,6 +142,9 @@ def _read_image(path: Path) -> np.ndarray:
 def read_image_folder(root: str | Path, skip_bad: bool = False) -> ImageSet:
     """A folder with one sub-folder per class of PNG/JPEG images -> :class:`ImageSet`.
 
+    Class names are the sub-folders' names, percent-decoded (``T-shirt%2Ftop`` is the class
+    ``T-shirt/top``), in sorted folder order; labels index them.
+
     All images must share one size and channel count. 8- and 16-bit grayscale and RGB are
     read; 16-bit values keep their precision in the float result.
     """
@@ -177,13 +182,26 @@ def read_image_folder(root: str | Path, skip_bad: bool = False) -> ImageSet:
                     ", ".join(p for p, _ in bad[:10]))
     if not images:
         raise DataError(f"image folder {root} holds no readable images")
-    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(classes),
-                    source=str(root), skipped=bad)
+    return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64),
+                    _folder_classes(root, classes), source=str(root), skipped=bad)
+
+
+def _folder_classes(root: Path, folders: list[str]) -> tuple[str, ...]:
+    """Class names of the sub-folders, percent-decoded (``T-shirt%2Ftop`` holds
+    ``T-shirt/top``: :mod:`dpfl.shared.data.labels`)."""
+    names = tuple(folder_class_name(f) for f in folders)
+    if len(set(names)) < len(names):
+        dup = sorted(n for n in set(names) if names.count(n) > 1)
+        raise DataError(f"image folder {root}: several sub-folders decode to the class(es) "
+                        f"{dup} ({folders}); keep one folder per class")
+    return names
 
 
 # -- npz -----------------------------------------------------------------------------------
 def read_npz(path: str | Path) -> ImageSet:
-    """``.npz`` with ``images`` (N, H, W[, C]) and ``labels`` (N,), optional ``class_names``.
+    """``.npz`` with ``images`` (N, H, W[, C]) and ``labels`` (N,), optional ``class_names``
+    (matched to the base model's by name; without them the classes are named ``0``, ``1``,
+    ... and keep index semantics, :mod:`dpfl.shared.data.labels`).
 
     Loaded with ``allow_pickle=False``: object arrays are refused, never unpickled.
     """
