@@ -43,19 +43,44 @@ def data() -> None:
 @data.command(context_settings=CTX)
 @click.argument("source")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (they are listed).")
-def inspect(source: str, skip_bad: bool) -> None:
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Base model: show the base class each silo class trains as (refused when "
+                   "one matches none) and tie fmnist:private to the base model's split.")
+@click.option("--label-map", type=click.Path(dir_okay=False), default=None,
+              help="JSON {\"silo class\": \"base class\"} (with --model; README 'Data').")
+def inspect(source: str, skip_bad: bool, model_dir: str | None, label_map: str | None) -> None:
     """Read SOURCE (image folder, .npz, IDX file or fmnist:private...) and summarise it."""
     from dpfl.shared.data.sources import load_source
 
     try:
-        ds = load_source(source, skip_bad=skip_bad)
+        card = _base_card(model_dir)
+        ds = load_source(source, skip_bad=skip_bad, base_card=card)
+        matched = _base_classes(model_dir, ds, label_map) if model_dir else None
     except DpflError as exc:
         fail(exc)
     counts = np.bincount(ds.labels, minlength=len(ds.class_names))
     click.echo(json.dumps({
         "source": ds.source, "examples": len(ds), "shape": list(ds.images.shape[1:]),
         "classes": {n: int(c) for n, c in zip(ds.class_names, counts)},
+        **({"base_classes": matched} if matched is not None else {}),
         "skipped": [{"file": f, "reason": r} for f, r in ds.skipped]}, indent=2))
+
+
+def _base_card(model_dir: str | None) -> dict[str, Any] | None:
+    from dpfl.shared.data.sources import model_card
+
+    return model_card(model_dir) if model_dir else None
+
+
+def _base_classes(model_dir: str, ds, label_map: str | None) -> dict[str, str]:
+    """Silo class -> the base model class it trains as (classes holding images)."""
+    from dpfl.shared.data.labels import class_index, read_label_map
+    from dpfl.shared.ldm.models import load_ldm
+
+    names = load_ldm(model_dir).spec.class_names
+    index = class_index(ds.class_names, np.unique(ds.labels), names,
+                        read_label_map(label_map), ds.source)
+    return {n: names[j] for n, j in zip(ds.class_names, index) if j >= 0}
 
 
 @data.command(context_settings=CTX)
@@ -99,6 +124,9 @@ def _run_options(run_dir: str, model_help: str, **dp_defaults: Any) -> list[clic
         click.Option(["--run-dir"], type=click.Path(file_okay=False), default=run_dir),
         click.Option(["--limit"], type=click.IntRange(min=0), default=job["limit"],
                      help="Use a seeded random subset of this many examples (0: all)."),
+        click.Option(["--label-map"], type=click.Path(dir_okay=False), default=job["label_map"],
+                     help="JSON {\"silo class\": \"base class\"} for classes not named exactly "
+                          "after a base model class (README 'Data')."),
         *_budget_options(dp, job),
         *_sgd_options(dp),
         click.Option(["--sample-steps"], type=click.IntRange(1, 1000),
@@ -161,18 +189,12 @@ def _sgd_options(dp: dict[str, Any]) -> list[click.Parameter]:
 def _job_and_dp(o: dict) -> tuple[TrainJob, DPConfig]:
     """(TrainJob, DPConfig) from the :func:`_run_options` values; raises ConfigError."""
     from dpfl.client.train import TrainJob
-    from dpfl.shared.privacy.dpsgd import DPConfig
 
-    dp = DPConfig(clip=o["clip"], noise_multiplier=o["sigma"], target_epsilon=o["epsilon"],
-                  delta=o["delta"], accountant=o["accountant"], batch_size=o["batch_size"],
-                  max_physical_batch=o["physical_batch"],
-                  noise_multiplicity=o["noise_multiplicity"], lr=o["lr"], epochs=o["epochs"],
-                  planned_steps=o["planned_steps"], cond_drop=o["cond_drop"],
-                  secure_mode=o["secure_mode"], seed=o["seed"], device=o["device"])
+    dp = _dp_config(o)
     job = TrainJob(data=o["data"], model=o["model_dir"], run_dir=o["run_dir"], limit=o["limit"],
                    budget=o["budget"], accountant_file=o["accountant_file"],
                    sample_steps=o["sample_steps"], per_class=o["per_class"],
-                   guidance=o["guidance"])
+                   guidance=o["guidance"], label_map=o["label_map"])
     return job, dp
 
 
@@ -256,6 +278,70 @@ def train_full(init, ema_decay, **run) -> None:
     click.echo(json.dumps(summary, indent=2))
 
 
+_NOT_AUDITED = {"budget", "accountant_file", "sample_steps", "per_class", "guidance"}
+
+
+def _audit_options() -> list[click.Parameter]:
+    from dpfl.client.audit import AuditJob
+    from dpfl.shared.privacy.audit import AuditConfig
+
+    audit = partial(default_of, AuditConfig)
+    return [
+        *[o for o in _train_options() if o.name not in _NOT_AUDITED],
+        click.Option(["--canaries"], type=click.IntRange(min=10), default=audit("canaries"),
+                     help="Gradient canaries m (each needs a trainable coordinate)."),
+        click.Option(["--confidence"], type=click.FloatRange(0.5, 1, min_open=True,
+                                                             max_open=True),
+                     default=audit("confidence"), help="Confidence of the lower bound."),
+        click.Option(["--mia-draws"], type=click.IntRange(min=1),
+                     default=default_of(AuditJob, "draws"),
+                     help="(t, noise) draws per image for the attack's loss."),
+    ]
+
+
+@main.command(cls=LazyCommand, options=_audit_options, context_settings=CTX)
+def audit(preset, rank, alpha, dropout, blocks, class_embedding, canaries, confidence,
+          mia_draws, **run) -> None:
+    """Empirical privacy audit of DP-LoRA as built: writes RUN_DIR/audit and a report section.
+
+    Trains once with these DP settings on the audit's OWN copy of the data (a seeded half of
+    it; the other half is held out) under a temporary ledger that is deleted afterwards: no
+    site's budget is spent and no ledger is touched. White-box: the one-run audit of
+    Steinke, Nasr and Jagielski (NeurIPS 2023) with Dirac gradient canaries gives eps-hat, a
+    lower bound on epsilon at --confidence, beside the claimed epsilon. Black-box: a
+    loss-threshold membership-inference attack on the released adapter (ROC, TPR at 1%
+    FPR). Cost: about one training run of the members (docs/audit.md).
+    """
+    from dpfl.client.audit import AuditJob, dumps, run_audit
+    from dpfl.shared.ldm.lora import LoraSpec
+    from dpfl.shared.privacy.audit import AuditConfig
+
+    try:
+        lora = LoraSpec(preset=preset, rank=rank, alpha=alpha, dropout=dropout,
+                        train_class_embedding=class_embedding,
+                        blocks=tuple(b for b in blocks.split(",") if b) or None)
+        dp = _dp_config(run)
+        job = AuditJob(data=run["data"], model=run["model_dir"], run_dir=run["run_dir"],
+                       limit=run["limit"], draws=mia_draws, label_map=run.get("label_map"))
+        record = run_audit(job, lora, dp, AuditConfig(canaries=canaries, confidence=confidence),
+                           progress=run["progress"])
+    except DpflError as exc:
+        fail(exc)
+    click.echo(dumps(record["whitebox"] | {"mia_tpr_at_fpr": record["mia"]["tpr_at_fpr"]}))
+
+
+def _dp_config(o: dict) -> DPConfig:
+    """DPConfig from the :func:`_sgd_options` and :func:`_budget_options` values."""
+    from dpfl.shared.privacy.dpsgd import DPConfig
+
+    return DPConfig(clip=o["clip"], noise_multiplier=o["sigma"], target_epsilon=o["epsilon"],
+                    delta=o["delta"], accountant=o["accountant"], batch_size=o["batch_size"],
+                    max_physical_batch=o["physical_batch"],
+                    noise_multiplicity=o["noise_multiplicity"], lr=o["lr"], epochs=o["epochs"],
+                    planned_steps=o["planned_steps"], cond_drop=o["cond_drop"],
+                    secure_mode=o["secure_mode"], seed=o["seed"], device=o["device"])
+
+
 def _join_options() -> list[click.Parameter]:
     from dpfl.client.deploy import SiteNode
     from dpfl.shared.federation.config import ACCOUNTANTS, SiteConfig
@@ -284,12 +370,15 @@ def _join_options() -> list[click.Parameter]:
         click.Option(["--accountant"], type=click.Choice(ACCOUNTANTS), default=site("accountant")),
         click.Option(["--max-physical-batch"], type=click.IntRange(min=1),
                      default=site("max_physical_batch")),
-        # on by default for a real site, unlike SiteConfig's default (off, for simulations)
-        click.Option(["--secure-mode/--no-secure-mode"], default=True,
+        click.Option(["--secure-mode/--no-secure-mode"], default=site("secure_mode"),
                      help="DP noise from the OS CSPRNG, hardened against floating-point attacks "
                           "(on by default for a real site; --no-secure-mode only for "
                           "experiments)."),
         click.Option(["--device"], default=site("device"), help="auto, cpu or cuda[:N]."),
+        click.Option(["--label-map"], type=click.Path(dir_okay=False),
+                     default=site("label_map"),
+                     help="JSON {\"silo class\": \"base class\"} for classes not named exactly "
+                          "after a base model class (README 'Data')."),
         click.Option(["--runtime-port"], type=click.IntRange(1, 65535),
                      default=default_of(SiteNode, "runtime_port"),
                      help="Loopback port of the SuperNode's Runtime API (distinct per node)."),
@@ -306,6 +395,8 @@ def join(superlink: str, ca_cert: str, node_key: str, runtime_port: int,
     from dpfl.client.deploy import SiteNode, preflight, run_node
     from dpfl.shared.federation.config import SiteConfig
 
+    if site["label_map"]:  # the SuperNode's ClientApp runs in another working directory
+        site["label_map"] = str(Path(site["label_map"]).expanduser().resolve())
     try:
         node = SiteNode(site=SiteConfig(**site), superlink=superlink, ca_cert=Path(ca_cert),
                         node_key=Path(node_key), runtime_port=runtime_port,

@@ -316,15 +316,10 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
     """Federated DP fine-tuning of N simulated sites (Flower simulation engine)."""
     from dpfl.server.simulate import SimulationSetup
     from dpfl.server.simulate import simulate as run_simulation
-    from dpfl.shared.federation.config import FedConfig
     from dpfl.shared.federation.ledger import PrivacyLedger
 
     try:
-        pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
-        if len(pairs) != len(overrides):
-            raise DpflError(f"--set takes KEY=VALUE, got {list(overrides)}")
-        cfg = FedConfig.from_run_config({"base-model": base_model, "run-dir": run_dir,
-                                         "min-available-nodes": num_sites, **pairs})
+        cfg = _fed_config(base_model, run_dir, num_sites, overrides)
         setup = SimulationSetup(data=data, num_sites=num_sites, scheme=scheme, alpha=alpha,
                                 max_examples=max_examples, epsilon_budget=epsilon_budget,
                                 delta=delta, cpus_per_site=cpus_per_site,
@@ -336,6 +331,61 @@ def simulate(base_model: str, data: str, num_sites: int, scheme: str, alpha: flo
     click.echo(ledger.table())
     click.echo(f"run directory: {run_dir} (ledger.json, metrics.jsonl, samples_round_*.png, "
                "adapter/, report/report.html)")
+
+
+def _fed_config(base_model: str, run_dir: str, num_sites: int, overrides: tuple[str, ...]):
+    """The FedConfig of a simulation: its options plus the ``--set KEY=VALUE`` run config."""
+    from dpfl.shared.federation.config import FedConfig
+
+    pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if len(pairs) != len(overrides):
+        raise DpflError(f"--set takes KEY=VALUE, got {list(overrides)}")
+    return FedConfig.from_run_config({"base-model": base_model, "run-dir": run_dir,
+                                      "min-available-nodes": num_sites, **pairs})
+
+
+def _audit_federation_options() -> list[click.Parameter]:
+    from dpfl.client.audit import AuditJob
+    from dpfl.shared.privacy.audit import AuditConfig
+
+    resources = {"cpus_per_site", "gpus_per_site"}
+    return [*[o for o in _simulate_options() if o.name not in resources],
+            click.Option(["--canaries"], type=click.IntRange(min=10),
+                         default=default_of(AuditConfig, "canaries"),
+                         help="Gradient canaries per site."),
+            click.Option(["--mia-draws"], type=click.IntRange(min=1),
+                         default=default_of(AuditJob, "draws"),
+                         help="(t, noise) draws per image for the attack's loss.")]
+
+
+@main.command("audit-federation", cls=LazyCommand, options=_audit_federation_options,
+              context_settings=CTX)
+def audit_federation(base_model: str, data: str, num_sites: int, scheme: str, alpha: float,
+                     max_examples: int, epsilon_budget: float, delta: float, run_dir: str,
+                     overrides: tuple[str, ...], canaries: int, mia_draws: int) -> None:
+    """Empirical privacy audit of each simulated site (see `dpfl-client audit`).
+
+    Splits the data as `simulate` does (same options, same --set keys) and audits every
+    site's whole planned DP-SGD mechanism, on its own copy of its silo under a temporary
+    ledger: no site's budget is spent and no federation runs. Writes RUN_DIR/audit/.
+    """
+    from dpfl.server.simulate import SimulationSetup, audit_sites
+    from dpfl.shared.privacy.audit import AuditConfig
+
+    try:
+        cfg = _fed_config(base_model, run_dir, num_sites, overrides)
+        setup = SimulationSetup(data=data, num_sites=num_sites, scheme=scheme, alpha=alpha,
+                                max_examples=max_examples, epsilon_budget=epsilon_budget,
+                                delta=delta)
+        rows = audit_sites(cfg, setup, AuditConfig(canaries=canaries), draws=mia_draws)
+    except DpflError as exc:
+        fail(exc)
+    for r in rows:
+        click.echo(f"{r['site']}: claimed eps {r['claimed_epsilon']:.3f} (delta {r['delta']:g}), "
+                   f"eps-hat {r['epsilon_lower_bound']:.3f}, eps at measured noise "
+                   f"{r['epsilon_at_measured_noise']:.3f}, MIA TPR@1%FPR "
+                   f"{r['mia_tpr_at_1pct_fpr']:.3f}")
+    click.echo(f"{rows[0]['note'] if rows else ''}\nwrote {Path(run_dir) / 'audit'}")
 
 
 @main.command(context_settings=CTX)

@@ -142,7 +142,9 @@ class FedConfig(RoundPlan):
         client_dp_clip: client-level DP (DP-FedAvg, see ``dpfl.server.clientdp``): L2 bound
             on each site's update; 0 turns it off (record-level DP at the sites stays on).
         client_dp_noise: noise multiplier z of client-level DP (std z * clip / sampled sites).
-        client_dp_delta: delta of the client-level guarantee (must be < 1 / number of sites).
+        client_dp_delta: delta of the client-level guarantee, < 1 / number of sites: checked
+            against max(min-train-nodes, min-available-nodes) here and against the sites
+            connected before every round (``dpfl.server.rounds.sample``).
         client_dp_epsilon: client-level epsilon budget; no round runs that would exceed it.
         secagg: secure aggregation (SecAgg+, see ``dpfl.server.secagg``): the coordinator
             sees only the sum of the sites' adapters; each site checks its own update
@@ -153,6 +155,10 @@ class FedConfig(RoundPlan):
         secagg_max_weight: largest example count a site may weight its update with (> 0);
             keep it near the largest site's count, the aggregate's quantisation error
             (about 4e-6 per value) grows with max-weight / total examples.
+        secagg_min_contributions: fewest real (positive-weight, not withheld) updates a
+            SecAgg+ sum must hold before it is unmasked (>= 2, and <= min-train-nodes); a
+            round with fewer releases nothing (the sites' spend is still on record), since
+            a "sum" of one update is that site's update in clear.
     """
 
     base_model: str = "models/fmnist-base"
@@ -172,6 +178,7 @@ class FedConfig(RoundPlan):
     secagg: bool = False
     secagg_threshold: float = 0.67
     secagg_max_weight: float = 10000.0
+    secagg_min_contributions: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,6 +191,11 @@ class FedConfig(RoundPlan):
                 raise ConfigError(f"client-dp-noise must be > 0, got {self.client_dp_noise}")
             if not 0 < self.client_dp_delta < 1:
                 raise ConfigError(f"client-dp-delta must be in (0, 1), got {self.client_dp_delta}")
+            sites = max(self.min_train_nodes, self.min_available_nodes)
+            if self.client_dp_delta * sites >= 1:
+                raise ConfigError(f"client-dp-delta={self.client_dp_delta:g} must be < 1 / "
+                                  f"number of sites, and this run has at least {sites} "
+                                  "(max of min-train-nodes and min-available-nodes); lower it")
             if not (self.client_dp_epsilon > 0 and math.isfinite(self.client_dp_epsilon)):
                 raise ConfigError(f"client-dp-epsilon must be > 0, got {self.client_dp_epsilon}")
         if not 0 < self.fraction_train <= 1:
@@ -192,6 +204,7 @@ class FedConfig(RoundPlan):
                 ("min-train-nodes", self.min_train_nodes >= 1, ">= 1"),
                 ("min-available-nodes", self.min_available_nodes >= 0, ">= 0"),
                 ("min-replies", self.min_replies >= 1, ">= 1"),
+                ("secagg-min-contributions", self.secagg_min_contributions >= 2, ">= 2"),
                 ("round-timeout", 0 < self.round_timeout < math.inf, "a finite number > 0"),
                 ("max-update-norm", 0 <= self.max_update_norm < math.inf, ">= 0 (0: no bound)"),
                 ("sample-every", self.sample_every >= 0, ">= 0")):
@@ -205,8 +218,9 @@ class FedConfig(RoundPlan):
                 f"secagg=true cannot be combined with client-dp-clip={self.client_dp_clip}: "
                 "client-level DP clips every site's update on the coordinator, which SecAgg+ "
                 "hides from it; set client-dp-clip=0 or secagg=false")
-        if self.min_train_nodes < 2:
-            raise ConfigError(f"secagg=true needs min-train-nodes >= 2 (got "
+        if self.min_train_nodes < self.secagg_min_contributions:
+            raise ConfigError(f"secagg=true needs min-train-nodes >= "
+                              f"{self.secagg_min_contributions} (secagg-min-contributions; got "
                               f"{self.min_train_nodes}): a secure sum over one site is its "
                               "update")
         if not 0.5 < self.secagg_threshold <= 1:
@@ -241,8 +255,13 @@ class SiteConfig:
         accountant: one of :data:`ACCOUNTANTS` (``rdp``, Mironov 2017; ``prv``, Gopi et
             al. 2021).
         max_physical_batch: memory cap per forward pass (logical batches are split).
-        secure_mode: Opacus secure RNG for the noise (on for real deployments).
+        secure_mode: DP noise and Poisson sampling from the OS CSPRNG (Opacus' secure-mode
+            construction; ``dpfl.shared.privacy.securenoise``). Default True: a SuperNode
+            started with a hand-written node config is secure; a simulation may pass False.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        label_map: path of a JSON label map {"silo class": "base class"} for silo classes
+            not named exactly after a base class ("": names only; see
+            :mod:`dpfl.shared.data.labels`).
     """
 
     site_id: str = "site"
@@ -253,8 +272,9 @@ class SiteConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
     max_physical_batch: int = 256
-    secure_mode: bool = False
+    secure_mode: bool = True
     device: str = "auto"
+    label_map: str = ""
 
     def __post_init__(self) -> None:
         where = f"site {self.site_id}"

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from peft import PeftModel
@@ -67,6 +67,10 @@ from dpfl.shared.privacy.multiplicity import physical_step
 from dpfl.shared.privacy.securenoise import make_secure
 
 log = logging.getLogger(__name__)
+#: callables ``hook(optimizer)`` run on each new DP optimizer; only the privacy audit
+#: (dpfl.shared.privacy.audit) registers one, to read the noisy update of its canaries.
+OPTIMIZER_HOOKS: list[Callable[[DPOptimizer], None]] = []
+_EPS_TOLERANCE = 0.01  # calibration stops this close below the target ε (Opacus' default)
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,9 @@ class DPConfig:
         cond_drop: probability a row trains the null class (classifier-free guidance;
             0 <= p < 1, default 0.1).
         secure_mode: DP noise from the OS CSPRNG with Opacus' secure-mode construction
-            against floating-point attacks (``dpfl.shared.privacy.securenoise``; default False,
-            which logs a warning: fine for research, not for deployment).
+            against floating-point attacks (``dpfl.shared.privacy.securenoise``), and the
+            Poisson sampling from it too (``dpfl.shared.privacy.poisson.secure_loader``);
+            default False, which logs a warning: fine for research, not for deployment.
         seed: seed of the diffusion (timestep, noise) draws only; the Poisson sampler and
             the DP noise always come from OS entropy (a recorded seed would let anyone
             regenerate them and void the guarantee).
@@ -238,7 +243,8 @@ def dp_sgd(ldm: LatentDiffusion, model: torch.nn.Module, latents: torch.Tensor,
     model.train()
     n_train = trainable_count(model)
     # Poisson sampling must be secret too (amplification by subsampling assumes nobody knows
-    # which examples were drawn): seed it from OS entropy, never from the recorded seed.
+    # which examples were drawn): seed it from OS entropy, never from the recorded seed (in
+    # secure mode make_private draws it from the OS CSPRNG itself).
     data_gen = torch.Generator().manual_seed(secrets.randbits(63))
     loader = DataLoader(TensorDataset(latents.float(), labels.long()), batch_size=dp.batch_size,
                         generator=data_gen)
@@ -295,23 +301,50 @@ def _plan(n: int, dp: DPConfig, accountant: PersistentAccountant) -> tuple[float
 
 def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "rdp") -> float:
-    """σ so that ``steps`` Poisson-sampled steps at rate q reach at most (ε, δ) (Opacus)."""
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant))
+    """σ so that ``steps`` Poisson-sampled steps at rate q reach at most (ε, δ): Opacus'
+    bisection (``get_noise_multiplier``, same steps and tolerance) on :func:`epsilon_of`,
+    where a σ the accountant refuses (too small for ``prv``) or a NaN ε counts as too
+    little noise, so calibration never runs the accountant out of memory."""
+
+    def eps(sigma: float) -> float:
+        try:
+            return epsilon_of([(sigma, sample_rate, steps)], delta, accountant)
+        except ConfigError:
+            return math.inf
+
+    low, high, eps_high = 0.0, 10.0, math.inf
+    while not eps_high <= target_epsilon:
+        high *= 2
+        if high > MAX_SIGMA:
+            raise ConfigError(f"no sigma up to {MAX_SIGMA:g} reaches epsilon={target_epsilon:g} "
+                              f"at delta={delta:g} over {steps} steps at q={sample_rate:.4g} "
+                              f"with the {accountant} accountant; raise the budget or train "
+                              "fewer steps")
+        eps_high = eps(high)
+    while target_epsilon - eps_high > _EPS_TOLERANCE:
+        mid = (low + high) / 2
+        e = eps(mid)
+        if e < target_epsilon:
+            high, eps_high = mid, e
+        else:  # also NaN
+            low = mid
+    return float(high)
 
 
 def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loader: torch.utils.data.DataLoader, dp: DPConfig, sigma: float,
                  device: torch.device):
-    """Opacus PrivacyEngine with Poisson sampling, flat clipping at C and noise σ."""
+    """Opacus PrivacyEngine with Poisson sampling, flat clipping at C and noise σ; in
+    secure mode the noise and the sampling come from the OS CSPRNG."""
     # Opacus' own secure mode needs torchcsprng (no release for current torch); the secure
-    # noise source is swapped in below instead (dpfl.shared.privacy.securenoise).
+    # noise source and Poisson sampler are swapped in below instead
+    # (dpfl.shared.privacy.securenoise, dpfl.shared.privacy.poisson.secure_loader).
     engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
     if dp.secure_mode:
         noise_gen = None
     else:
-        log.warning("*** secure_mode is OFF: DP noise comes from torch's PRNG (seeded from OS "
+        log.warning("*** secure_mode is OFF: DP noise and Poisson sampling come from torch's "
+                    "PRNG (seeded from OS "
                     "entropy), fine for research but NOT a cryptographic guarantee. Turn "
                     "secure_mode on for deployment. ***")
         # Never derive the noise from ``dp.seed``: that seed is in the run's config.json, and
@@ -323,8 +356,10 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                        grad_sample_mode="hooks", noise_generator=noise_gen)
     if not isinstance(opt, DPOptimizer):
         raise ConfigError(f"Opacus returned {type(opt).__name__}, expected a DPOptimizer")
-    if dp.secure_mode:
-        opt = make_secure(opt)
+    if dp.secure_mode:  # noise and Poisson sampling both from the OS CSPRNG
+        opt, dl = make_secure(opt), poisson.secure_loader(dl)
+    for hook in OPTIMIZER_HOOKS:
+        hook(opt)
     return engine, gsm, opt, dl
 
 

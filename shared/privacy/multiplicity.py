@@ -13,14 +13,30 @@ reshaped to (B, K, ...) and averaged over K (:func:`reduce_noise_multiplicity`):
 example's gradient is the gradient of its mean K-draw loss and is clipped *once* at C.
 (Repeating each example K times and letting Opacus clip every row would give sensitivity
 K*C with noise sized for C.)
+
+Two hooks serve the empirical privacy audit (:mod:`dpfl.shared.privacy.audit`) and nothing
+else: :data:`GRAD_SAMPLE_HOOKS` may append rows (gradient-space canaries, K rows per canary)
+to the per-row gradients before the reduction, so canaries take the exact path of an
+example; :data:`_INJECT_ROWS_CLIPPED_SEPARATELY` is a switch for the audit's own tests that
+skips the reduction (every row clipped by Opacus on its own: the K*C trap above), to prove
+the audit catches it. No command line or configuration reaches either.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.ldm.diffusion import expand_draws, row_losses
+
+#: callables ``hook(trainable_params, k)`` run after each physical backward pass and before
+#: the reduction; only the privacy audit registers one (and removes it afterwards).
+GRAD_SAMPLE_HOOKS: list[Callable[[list[torch.nn.Parameter], int], None]] = []
+#: TEST-ONLY broken mechanism for the audit's tests: leave the K rows of each example
+#: unreduced, so Opacus clips each row at C and one example moves the sum by K*C.
+_INJECT_ROWS_CLIPPED_SEPARATELY = False
 
 
 def physical_step(model: torch.nn.Module, scheduler, latents: torch.Tensor, labels: torch.Tensor,
@@ -31,13 +47,17 @@ def physical_step(model: torch.nn.Module, scheduler, latents: torch.Tensor, labe
     params = list(model.parameters())
     if latents.shape[0] == 0:
         mark_empty_batch(params)
-        return float("nan")
-    noisy, t, y, target = expand_draws(latents, labels, scheduler, k, null_class, cond_drop,
-                                       generator)
-    loss = row_losses(model, noisy, t, y, target).mean()
-    loss.backward()
+        value = float("nan")
+    else:
+        noisy, t, y, target = expand_draws(latents, labels, scheduler, k, null_class,
+                                           cond_drop, generator)
+        loss = row_losses(model, noisy, t, y, target).mean()
+        loss.backward()
+        value = float(loss.detach())
+    for hook in GRAD_SAMPLE_HOOKS:
+        hook(_grad_sample_params(params), k)
     reduce_noise_multiplicity(params, k)
-    return float(loss.detach())
+    return value
 
 
 def reduce_noise_multiplicity(params: list[torch.nn.Parameter], k: int) -> None:
@@ -46,7 +66,7 @@ def reduce_noise_multiplicity(params: list[torch.nn.Parameter], k: int) -> None:
     ``p.grad_sample`` of shape (B*K, ...) (example-major rows) becomes (B, ...). Must run
     after every backward pass and before ``optimizer.step()``.
     """
-    if k == 1:
+    if k == 1 or _INJECT_ROWS_CLIPPED_SEPARATELY:
         return
     for p in _grad_sample_params(params):
         gs = getattr(p, "grad_sample", None)

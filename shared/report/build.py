@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dpfl.shared.errors import StateError
+from dpfl.shared.privacy.auditrecord import AUDIT_JSON, read_audit
 from dpfl.shared.report.render import Doc, flatten, read_json, read_records, write_doc
 from dpfl.shared.rundir import versions
 
@@ -88,6 +89,7 @@ def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None
         for png in sorted(run_dir.glob("*.png")):
             doc.image(png, png.name)
     _evaluation(doc, run_dir)
+    _audit(doc, run_dir)
     _configuration(doc, cfg)
     return doc
 
@@ -167,6 +169,34 @@ def _evaluation(doc: Doc, run_dir: Path) -> None:
             else:
                 doc.image(png, f"{path.parent.name}/{png.name}" if path.parent != run_dir
                           else png.name)
+
+
+def _audit(doc: Doc, run_dir: Path) -> None:
+    """Claimed ε beside the audit's lower bound ε̂, and the attack's ROC (``dpfl-client
+    audit``), when the run directory holds an audit record."""
+    rec = read_audit(run_dir)
+    if rec is None:
+        return
+    w, m = rec.get("whitebox", {}), rec.get("mia", {})
+    noise = w.get("noise_check", {})
+    doc.h("Empirical privacy audit")
+    doc.p(rec.get("note", ""), note=True)
+    doc.table(["claimed ε", "δ", "ε̂ (one run, white box)", "confidence", "ε at measured noise",
+               "MIA TPR @ 1% FPR", "MIA AUC"],
+              [[w.get("claimed_epsilon"), w.get("delta"), w.get("epsilon_lower_bound"),
+                w.get("confidence"), noise.get("epsilon_at_sigma_upper"),
+                m.get("tpr_at_fpr", {}).get("0.01"), m.get("auc")]])
+    if w.get("epsilon_lower_bound", 0) > w.get("claimed_epsilon", float("inf")):
+        doc.p("ε̂ exceeds the claimed ε: the mechanism as built leaks more than its "
+              "accountant says. Do not release what it trained.", note=True)
+    doc.p(f"White box: {w.get('canaries')} Dirac gradient canaries through the real DP-SGD "
+          f"path (Steinke, Nasr and Jagielski, NeurIPS 2023), {w.get('steps')} steps at q = "
+          f"{w.get('sample_rate')}, σ = {w.get('sigma')}. Black box: loss-threshold membership "
+          f"inference on the released adapter, {m.get('members')} members vs "
+          f"{m.get('heldout')} held-out images. {rec.get('seconds')} s.")
+    roc = run_dir / Path(AUDIT_JSON).parent / "mia_roc.png"
+    if roc.exists():
+        doc.image(roc, "ROC of the loss-threshold membership-inference attack (log-log).")
 
 
 def _configuration(doc: Doc, cfg: dict[str, Any]) -> None:
