@@ -321,7 +321,9 @@ def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, ste
                               f"with the {accountant} accountant; raise the budget or train "
                               "fewer steps")
         eps_high = eps(high)
-    while target_epsilon - eps_high > _EPS_TOLERANCE:
+    # stop on ε's tolerance (Opacus' rule) or when the bracket is exhausted: ε(σ) may jump
+    # (a refused or NaN σ just below a usable one), and ``high`` always satisfies the target
+    while target_epsilon - eps_high > _EPS_TOLERANCE and high - low > 1e-9 * high:
         mid = (low + high) / 2
         e = eps(mid)
         if e < target_epsilon:
