@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with dpfl and its pinned dependencies, and make Fashion-MNIST available.
+# Create .venv with dpfl and its pinned dependencies, and make Fashion-MNIST and nginx (the
+# coordinator's Fleet proxy, used by the deployment tests) available.
 # Idempotent: a second run with unchanged pins does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +25,13 @@ if [ ! -f "$fm/train-images-idx3-ubyte.gz" ]; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
   else
     echo "[setup] Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set DPFL_FASHION_MNIST" >&2
+  fi
+fi
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's nginx-light (the coordinator's Fleet proxy) ..."
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  else
+    echo "[setup] nginx missing: run 'sudo apt-get install nginx-light' (dpfl-server serve and its tests need it)" >&2
   fi
 fi

@@ -1,12 +1,23 @@
-"""Flower ServerApp of the coordinator: reads the run config, hands the grid to the rounds."""
+"""Flower ServerApp of the coordinator: reads the run config, hands the grid to the rounds.
+
+In a deployment the run config arrives over the SuperLink's Control API and is untrusted:
+before anything is written, its paths are confined and its sites' enrolment loaded from what
+``dpfl-server serve`` recorded (:mod:`dpfl.server.policy`). A simulation passes its own
+:class:`FedConfig` and needs neither.
+"""
 
 from __future__ import annotations
+
+import logging
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from dpfl.server.policy import CoordinatorPolicy
 from dpfl.server.rounds import run_federation
 from dpfl.shared.federation.config import FedConfig
+
+log = logging.getLogger(__name__)
 
 
 def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
@@ -14,7 +25,14 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg or FedConfig.from_run_config(context.run_config))
+        if cfg is not None:
+            run_federation(grid, cfg)
+            return
+        policy = CoordinatorPolicy.from_env()
+        confined = policy.confine(FedConfig.from_run_config(context.run_config))
+        log.info("run %s: run-dir %s, base-model %s, %d enrolled site(s)", grid.run.run_id,
+                 confined.run_dir, confined.base_model, len(policy.sites))
+        run_federation(grid, confined, enrolment=policy.enrolment())
 
     return app
 

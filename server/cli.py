@@ -17,13 +17,12 @@ from typing import Any
 
 import click
 
+from dpfl.server.deploycli import PKI_DIR, run_cmd, serve, status, stop
 from dpfl.server.experiment import PRESETS as EXPERIMENT_PRESETS
 from dpfl.server.experiment import SETTINGS, Experiment
 from dpfl.shared.cli import CTX, LazyCommand, fail
 from dpfl.shared.defaults import default_of
 from dpfl.shared.errors import DpflError
-
-PKI_DIR = "deploy/pki"  # written by 'certs', read by 'serve' and 'run'
 
 
 def _threads() -> click.Option:
@@ -436,116 +435,6 @@ def certs(out: str, sites: tuple[str, ...], hosts: tuple[str, ...], overwrite: b
         click.echo(f"give site {site}: {layout.ca_cert} and {layout.node_key(site)}")
 
 
-def _coordinator(pki: str, state_dir: str, host: str, port: int, address: str):
-    from dpfl.server.deploy import Coordinator
-
-    return Coordinator(pki=Path(pki), state_dir=Path(state_dir), host=host, port=port,
-                       address=address)
-
-
-def _state_options() -> list[click.Parameter]:
-    """The coordinator's PKI and state directory (``serve`` and ``run``)."""
-    return [click.Option(["--pki"], type=click.Path(file_okay=False), default=PKI_DIR,
-                         help="Directory written by 'dpfl-server certs'."),
-            click.Option(["--state-dir"], type=click.Path(file_okay=False),
-                         default="runs/coordinator",
-                         help="Coordinator state: SuperLink database, FLWR_HOME, logs.")]
-
-
-def _serve_options() -> list[click.Parameter]:
-    from dpfl.server.deploy import Coordinator
-
-    return [
-        *_state_options(),
-        click.Option(["--host"], default=default_of(Coordinator, "host"),
-                     help="Interface of the SuperLink's HTTPS API (loopback unless sites are "
-                          "remote)."),
-        click.Option(["--port"], type=click.IntRange(1, 65535),
-                     default=default_of(Coordinator, "port")),
-        click.Option(["--site-key", "site_keys"], multiple=True, metavar="SITE=PUBKEY",
-                     help="List a site's public key [default: every PKI/sites/<id>/node.pub]."),
-    ]
-
-
-@main.command(cls=LazyCommand, options=_serve_options, context_settings=CTX)
-def serve(pki: str, state_dir: str, host: str, port: int, site_keys: tuple[str, ...]) -> None:
-    """Start the coordinator's SuperLink (TLS, only listed sites may join); runs until stopped."""
-    from dpfl.server.pki import PkiLayout
-
-    try:
-        coord = _coordinator(pki, state_dir, host, port, "")
-        if site_keys:
-            if not all("=" in k for k in site_keys):
-                raise DpflError(f"--site-key takes SITE=PUBKEY, got {list(site_keys)}")
-            keys = {k.split("=", 1)[0]: Path(k.split("=", 1)[1]) for k in site_keys}
-        else:
-            keys = {p.parent.name: p for p in sorted((PkiLayout(Path(pki)).root / "sites")
-                                                     .glob("*/node.pub"))}
-        from dpfl.server.deploy import serve as run_serve
-
-        code = run_serve(coord, keys)
-    except DpflError as exc:
-        fail(exc)
-    raise SystemExit(code)
-
-
-def _run_options() -> list[click.Parameter]:
-    from dpfl.server.deploy import Coordinator
-
-    address = f"{default_of(Coordinator, 'host')}:{default_of(Coordinator, 'port')}"
-    return [
-        *_state_options(),
-        click.Option(["--superlink", "address"], default=address, help="SuperLink host:port."),
-        click.Option(["--app", "app"], type=click.Path(file_okay=False), default=None,
-                     help="dpfl source directory holding pyproject.toml [default: this "
-                          "checkout]."),
-        click.Option(["--set", "overrides"], multiple=True, metavar="KEY=VALUE",
-                     help="Run-config key, kebab-case, e.g. --set num-rounds=5 --set "
-                          "run-dir=/abs."),
-        click.Option(["--timeout"], type=click.FloatRange(min=1), default=24 * 3600.0,
-                     help="Seconds to wait for the run to finish."),
-        click.Option(["--wait/--no-wait"], default=True,
-                     help="Wait for the run and print the ledger."),
-    ]
-
-
-@main.command(name="run", cls=LazyCommand, options=_run_options, context_settings=CTX)
-def run_cmd(pki: str, state_dir: str, address: str, app: str | None,
-            overrides: tuple[str, ...], timeout: float, wait: bool) -> None:
-    """Submit the federated DP fine-tuning run to a running coordinator SuperLink."""
-    from dpfl.server import deploy
-    from dpfl.shared.federation.config import FedConfig
-    from dpfl.shared.federation.ledger import PrivacyLedger
-
-    try:
-        pairs = dict(o.split("=", 1) for o in overrides if "=" in o)
-        if len(pairs) != len(overrides):
-            raise DpflError(f"--set takes KEY=VALUE, got {list(overrides)}")
-        cfg = FedConfig.from_run_config(pairs)  # validate here, before anything is sent
-        values = {k: getattr(cfg, k.replace("-", "_")) for k in pairs}
-        for key in ("base-model", "run-dir"):  # the SuperLink's cwd differs from ours
-            if key in values:
-                values[key] = str(Path(str(values[key])).resolve())
-        host, _, port = address.rpartition(":")
-        host = host or default_of(deploy.Coordinator, "host")
-        coord = _coordinator(pki, state_dir, host, int(port), address)
-        coord.write_connection()
-        app_path = deploy.app_dir(app, coord.state_dir / "app")
-        run_id = deploy.submit_run(coord, app_path, values)
-        click.echo(f"run {run_id} submitted to {address}")
-        if not wait:
-            return
-        status = deploy.wait_run(coord, run_id, timeout)
-    except (DpflError, ValueError) as exc:
-        fail(exc)
-    click.echo(f"run {run_id}: {status}")
-    ledger_path = Path(str(values.get("run-dir", cfg.run_dir))) / "ledger.json"
-    if ledger_path.exists():
-        click.echo(PrivacyLedger.load_or_create(ledger_path).table())
-    if status != f"{deploy.FINISHED}:completed":
-        raise SystemExit(1)
-
-
 @main.command(context_settings=CTX)
 @click.option("--setting", type=click.Choice(SETTINGS), required=True,
               help="federated: 3 non-IID hospitals, DP-LoRA; central: one silo, DP-LoRA; "
@@ -593,6 +482,9 @@ def experiment(threads: int, **kw) -> None:
     click.echo(f"run directory: {row['run_dir']} (evaluation/, report/report.html); table: "
                f"{Path(kw['out']) / 'results.md'}")
 
+
+for _command in (serve, run_cmd, status, stop):  # the deployment: dpfl.server.deploycli
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -1,16 +1,25 @@
-"""Deployment mode of the coordinator: a Flower SuperLink with TLS and node authentication,
-and runs of the dpfl app submitted to it.
+"""Deployment mode of the coordinator: a Flower SuperLink with TLS and node authentication
+on loopback, an nginx proxy that serves only its Fleet API publicly, and runs of the dpfl app
+submitted to it.
 
 Processes and commands of the pinned flwr (1.41):
 
 * ``flower-superlink --ssl-ca-certfile --ssl-certfile --ssl-keyfile --enable-supernode-auth
-  --host --port --database`` serves the Fleet, Control and Runtime APIs over HTTPS on one
+  --host 127.0.0.1 --port API_PORT --database`` serves the Fleet, Control and Runtime APIs
+  over HTTPS on one address, and the Control API asks nothing beyond TLS: so it listens on
+  loopback only, and :mod:`dpfl.server.proxy` (nginx) serves the Fleet routes on the public
   address. With ``--database`` the registered sites and runs survive a restart.
-* ``flwr supernode register node.pub <connection>`` lists a site's public key; only listed
-  sites may join. ``flwr run <app> <connection> --run-config ...`` submits the dpfl app (its
-  FAB carries only ``pyproject.toml`` and the README; the code is the installed dpfl).
+* ``flwr supernode register node.pub <connection>`` lists a site's public key (over
+  loopback); only listed sites may join. ``flwr run <app> <connection> --run-config ...``
+  submits the dpfl app (its FAB carries only ``pyproject.toml`` and the README; the code is
+  the installed dpfl).
 * The flwr CLI reads its connections from ``$FLWR_HOME/config.toml``; every command here uses
-  the coordinator's own ``FLWR_HOME`` under its state directory, never ``~/.flwr``.
+  the coordinator's own ``FLWR_HOME`` under its state directory, never ``~/.flwr``, and its
+  one connection is the loopback API.
+
+What the operator decided at ``serve`` (the loopback and public addresses, the paths a run
+config may name, the enrolled sites and their weight bounds) is kept in
+``STATE_DIR/coordinator.json`` (:mod:`dpfl.server.policy`).
 
 Runtime dependency installation (``uv sync``) and the update check are disabled: a hospital
 deployment installs exactly the pinned packages and nothing at run time.
@@ -27,9 +36,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpfl.server.pki import PkiLayout
+from dpfl.server.pki import LOOPBACK_NAMES, PkiLayout, server_names
+from dpfl.server.policy import (
+    MAX_SITE_EXAMPLES,
+    POLICY_FILE,
+    STATE_ENV,
+    CoordinatorPolicy,
+    Enrolled,
+    enrol,
+)
+from dpfl.server.proxy import FleetProxy, find_nginx, start_proxy
 from dpfl.shared.deploy.certs import check_node_public_key, check_server_files
-from dpfl.shared.deploy.flwrproc import DeployError, flwr_bin, flwr_env
+from dpfl.shared.deploy.flwrproc import (
+    DeployError,
+    die_with_parent,
+    flwr_bin,
+    flwr_env,
+    stop_processes_of,
+)
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.io import ensure_dir
 
@@ -41,20 +65,23 @@ FINISHED = "finished"
 
 @dataclass(frozen=True)
 class Coordinator:
-    """The coordinator's SuperLink.
+    """The coordinator's SuperLink and its public Fleet proxy.
 
     Attributes:
         pki: directory from ``dpfl-server certs`` (ca.crt, server.crt, server.key).
-        state_dir: the coordinator's durable state: SuperLink database, FLWR_HOME, logs.
-        host, port: address of the SuperLink's HTTPS API (Fleet, Control, Runtime). Sites
-            dial it; keep it on loopback or a private interface behind a firewall.
-        address: what clients dial (host:port); defaults to ``host:port``.
+        state_dir: the coordinator's durable state: SuperLink database, FLWR_HOME, logs,
+            ``coordinator.json``, the proxy's files.
+        host, port: the public address nginx serves the Fleet API on (what sites dial).
+        api_port: the SuperLink's own HTTPS API (Fleet, Control, Runtime) on 127.0.0.1;
+            ``dpfl-server run/status/stop`` and node registration use it.
+        address: what sites dial (host:port); defaults to ``host:port``.
     """
 
     pki: Path
     state_dir: Path
     host: str = "127.0.0.1"
     port: int = 9093
+    api_port: int = 9095
     address: str = ""
     layout: PkiLayout = field(init=False)
 
@@ -62,10 +89,18 @@ class Coordinator:
         object.__setattr__(self, "pki", Path(self.pki).resolve())
         object.__setattr__(self, "state_dir", Path(self.state_dir).resolve())
         object.__setattr__(self, "layout", PkiLayout(self.pki))
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        for name in ("port", "api_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ConfigError(f"{name} must be in 1..65535, got {getattr(self, name)}")
+        if self.port == self.api_port and self.host in ("127.0.0.1", "0.0.0.0", "localhost"):
+            raise ConfigError(f"the public port and the SuperLink's API port are both "
+                              f"{self.port}; give --api-port another")
         if not self.address:
             object.__setattr__(self, "address", f"{self.host}:{self.port}")
+
+    @property
+    def api_address(self) -> str:
+        return f"127.0.0.1:{self.api_port}"
 
     @property
     def flwr_home(self) -> Path:
@@ -73,16 +108,35 @@ class Coordinator:
 
     @property
     def env(self) -> dict[str, str]:
-        return flwr_env(self.flwr_home)
+        """Every coordinator process's environment: flwr's, the state directory for the
+        ServerApp (:data:`~dpfl.server.policy.STATE_ENV`), and none of flwr's switches that
+        would start its legacy gRPC APIs on other (public) addresses."""
+        env = {**flwr_env(self.flwr_home), STATE_ENV: str(self.state_dir)}
+        for legacy in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
+            env.pop(legacy, None)
+        return env
+
+    def proxy(self) -> FleetProxy:
+        return FleetProxy(root=self.state_dir / "proxy", host=self.host, port=self.port,
+                          upstream_port=self.api_port, ca_cert=self.layout.ca_cert,
+                          server_cert=self.layout.server_cert,
+                          server_key=self.layout.server_key)
 
     def check_files(self) -> None:
         """The TLS files exist, parse, are within their dates, ``server.crt`` is signed by
-        ``ca.crt`` and ``server.key`` is its key (:class:`ConfigError` naming the file)."""
+        ``ca.crt``, ``server.key`` is its key, and it names the loopback names the proxy and
+        the flwr CLI check (:class:`ConfigError` naming the file)."""
         for path in (self.layout.ca_cert, self.layout.server_cert, self.layout.server_key):
             if not path.is_file():
                 raise ConfigError(f"{path} is missing; create it with 'dpfl-server certs "
                                   f"--out {self.pki}'")
         check_server_files(self.layout.ca_cert, self.layout.server_cert, self.layout.server_key)
+        missing = [n for n in LOOPBACK_NAMES if n not in server_names(self.layout.server_cert)]
+        if missing:
+            raise ConfigError(f"{self.layout.server_cert} does not name {missing}, which the "
+                              "Fleet proxy and the coordinator's own commands dial on "
+                              "loopback; re-issue it: 'dpfl-server certs --out "
+                              f"{self.pki} --host <the names sites dial>'")
 
     def superlink_command(self) -> list[str]:
         return [flwr_bin("flower-superlink"),
@@ -91,15 +145,16 @@ class Coordinator:
                 "--ssl-keyfile", str(self.layout.server_key),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                 "--isolation", "subprocess",
-                "--host", self.host, "--port", str(self.port),
+                "--host", "127.0.0.1", "--port", str(self.api_port),
                 "--database", str(self.state_dir / "superlink.db")]
 
-    def write_connection(self) -> Path:
-        """``$FLWR_HOME/config.toml`` with one TLS connection to this SuperLink."""
+    def write_connection(self, api_address: str = "") -> Path:
+        """``$FLWR_HOME/config.toml`` with one TLS connection, to the loopback API."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         path = self.flwr_home / "config.toml"
         path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-                        f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n'
+                        f'[superlink.{CONNECTION}]\n'
+                        f'address = "{api_address or self.api_address}"\n'
                         f'root-certificates = "{self.layout.ca_cert}"\n')
         return path
 
@@ -110,9 +165,11 @@ def start_superlink(coord: Coordinator) -> subprocess.Popen:
     ensure_dir(coord.state_dir, "coordinator state directory")
     coord.write_connection()
     logf = open(coord.state_dir / "superlink.log", "ab")  # noqa: SIM115 (child owns it)
-    log.info("starting SuperLink on %s:%d (TLS, node authentication)", coord.host, coord.port)
+    log.info("starting SuperLink on %s (loopback; TLS, node authentication)",
+             coord.api_address)
     proc = subprocess.Popen(coord.superlink_command(), env=coord.env, cwd=coord.state_dir,
-                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=die_with_parent)
     logf.close()
     return proc
 
@@ -149,14 +206,25 @@ def _flwr(coord: Coordinator, args: list[str], timeout: float = 120.0) -> dict:
     return answer
 
 
-def register_site(coord: Coordinator, public_key: Path, name: str = "") -> int:
-    """List a site's node-authentication public key; returns its node id."""
+def register_site(coord: Coordinator, public_key: Path, name: str = "") -> int | None:
+    """List a site's node-authentication public key (over loopback); returns its node id,
+    or None when the SuperLink had it listed already."""
     if not Path(public_key).is_file():
         raise ConfigError(f"public key {public_key} does not exist")
     args = ["supernode", "register", str(public_key), CONNECTION]
-    answer = _flwr(coord, args + (["--name", name] if name else []))
+    try:
+        answer = _flwr(coord, args + (["--name", name] if name else []))
+    except DeployError as exc:
+        if "already" not in str(exc).lower():
+            raise
+        log.info("%s was listed before", name or public_key)
+        return None
     log.info("registered %s as node %s", name or public_key, answer.get("node-id"))
     return int(answer["node-id"])
+
+
+def unregister_node(coord: Coordinator, node_id: int) -> None:
+    _flwr(coord, ["supernode", "unregister", str(node_id), CONNECTION])
 
 
 def app_dir(explicit: str | Path | None, work: Path) -> Path:
@@ -197,6 +265,17 @@ def run_status(coord: Coordinator, run_id: int) -> str:
     return str(runs[0].get("status", "unknown"))
 
 
+def list_runs(coord: Coordinator) -> list[dict]:
+    """Every run the SuperLink knows (``flwr ls`` over loopback), oldest first."""
+    return list(_flwr(coord, ["list", CONNECTION]).get("runs", []))
+
+
+def stop_run(coord: Coordinator, run_id: int) -> None:
+    """Stop run ``run_id`` (``flwr stop`` over loopback)."""
+    _flwr(coord, ["stop", str(run_id), CONNECTION])
+    log.info("stopped run %s", run_id)
+
+
 def wait_run(coord: Coordinator, run_id: int, timeout: float, poll: float = 3.0) -> str:
     """Poll until run ``run_id`` has finished; returns its final status."""
     deadline = time.monotonic() + timeout
@@ -233,7 +312,7 @@ def stop_leftover_runs(coord: Coordinator) -> list[int]:
     start a queued one beside the run the operator resubmits (the run-directory lock would
     then fail one of them). Returns the stopped run ids; the operator resubmits."""
     stopped = []
-    for run in _flwr(coord, ["list", CONNECTION]).get("runs", []):
+    for run in list_runs(coord):
         status, run_id = str(run.get("status", "")), run.get("run-id")
         if run_id is None or status.startswith(FINISHED):
             continue
@@ -248,36 +327,118 @@ def stop_leftover_runs(coord: Coordinator) -> list[int]:
     return stopped
 
 
-def serve(coord: Coordinator, site_keys: dict[str, Path]) -> int:
-    """Run the SuperLink in the foreground and list ``site_keys`` (site -> node.pub).
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``serve`` is told beyond the processes: the sites and what a run may touch.
 
-    Keys listed before (the database persists them) are kept. Returns the SuperLink's
-    exit status; SIGTERM/SIGINT stop the SuperLink and its ServerApp processes."""
+    Attributes:
+        site_keys: site -> node public key; exactly these sites may join.
+        site_examples: site -> the most examples it may weigh in FedAvg (declared at
+            enrolment; the others get ``max_site_examples``).
+        model_roots: directories a run's ``base-model`` must lie in.
+        runs_root: directory a run's ``run-dir`` must lie inside [default: STATE_DIR/runs].
+        nginx: the nginx binary [default: found on PATH].
+    """
+
+    site_keys: dict[str, Path]
+    site_examples: dict[str, int] = field(default_factory=dict)
+    max_site_examples: int = MAX_SITE_EXAMPLES
+    model_roots: tuple[Path, ...] = ()
+    runs_root: Path | None = None
+    nginx: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.site_examples) - set(self.site_keys))
+        if unknown:
+            raise ConfigError(f"--site-examples names {unknown}, which are not listed sites "
+                              f"({sorted(self.site_keys)})")
+        bad = {s: n for s, n in {**self.site_examples, "*": self.max_site_examples}.items()
+               if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ConfigError(f"a site's example bound must be a whole number >= 1, got {bad}")
+
+
+def _previous_enrolment(coord: Coordinator) -> dict[str, Enrolled]:
+    """The enrolment an earlier ``serve`` of this state directory recorded (site -> entry)."""
+    if not (coord.state_dir / POLICY_FILE).exists():
+        return {}
+    return {e.site: e for e in CoordinatorPolicy.read(coord.state_dir).sites}
+
+
+def enrol_sites(coord: Coordinator, opts: ServeOptions) -> tuple[Enrolled, ...]:
+    """Register every listed key over loopback and unregister sites no longer listed; returns
+    the enrolment (site, node id, key fingerprint, weight bound)."""
+    previous = _previous_enrolment(coord)
+    for gone in sorted(set(previous) - set(opts.site_keys)):
+        unregister_node(coord, previous[gone].node_id)
+        log.warning("unregistered %s (node %d): it is no longer listed", gone,
+                    previous[gone].node_id)
+    enrolled = []
+    for site, pub in opts.site_keys.items():
+        node_id = register_site(coord, pub, site)
+        bound = opts.site_examples.get(site, opts.max_site_examples)
+        enrolled.append(enrol(previous, site, node_id, pub, bound))
+        old = previous.get(site)
+        if old is not None and old.node_id != enrolled[-1].node_id:  # a new key: rotated
+            unregister_node(coord, old.node_id)
+            log.warning("unregistered %s's previous key (node %d)", site, old.node_id)
+    return tuple(enrolled)
+
+
+def _start_processes(coord: Coordinator, nginx: str, procs: list[subprocess.Popen]) -> None:
+    """The SuperLink on loopback, then the Fleet proxy on the public address (each appended
+    to ``procs`` as soon as it runs, so that a signal meanwhile still stops it)."""
+    procs.append(start_superlink(coord))
+    wait_listening("127.0.0.1", coord.api_port, procs[0])
+    procs.append(start_proxy(coord.proxy(), nginx, coord.env))
+    wait_listening(coord.host if coord.host not in ("0.0.0.0", "::") else "127.0.0.1",
+                   coord.port, procs[1])
+
+
+def serve(coord: Coordinator, opts: ServeOptions) -> int:
+    """Run the SuperLink (loopback) and its Fleet proxy (public) in the foreground, enrol the
+    listed sites and record the policy; returns when either process ends (its exit status)
+    or on SIGTERM/SIGINT, which stop both and the SuperLink's ServerApp processes."""
     import signal
 
     def _stop(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     coord.check_files()  # certificates and keys are named before anything starts
-    for site, pub in site_keys.items():
+    for site, pub in opts.site_keys.items():
         check_node_public_key(pub, site)
+    nginx = find_nginx(opts.nginx)
+    ensure_dir(coord.state_dir, "coordinator state directory")
     signal.signal(signal.SIGTERM, _stop)
-    proc = start_superlink(coord)
+    procs: list[subprocess.Popen] = []
     try:
-        wait_listening(coord.host, coord.port, proc)
-        for site, pub in site_keys.items():
-            try:
-                register_site(coord, pub, site)
-            except DeployError as exc:
-                if "already" not in str(exc).lower():
-                    raise
-                log.info("%s was listed before", site)
+        _start_processes(coord, nginx, procs)
+        policy = CoordinatorPolicy(
+            state_dir=coord.state_dir, api_address=coord.api_address,
+            public_address=coord.address, model_roots=opts.model_roots,
+            runs_root=opts.runs_root or coord.state_dir / "runs",
+            sites=enrol_sites(coord, opts))
+        policy.write()
         stop_leftover_runs(coord)
-        log.info("SuperLink ready on %s with %d listed site(s); log: %s", coord.address,
-                 len(site_keys), coord.state_dir / "superlink.log")
-        return proc.wait()
+        log.info("SuperLink ready: Fleet API on %s (nginx), loopback API on %s, %d listed "
+                 "site(s); log: %s", coord.address, coord.api_address, len(policy.sites),
+                 coord.state_dir / "superlink.log")
+        return _wait_any(procs)
     except KeyboardInterrupt:
-        log.info("stopping the SuperLink")
+        log.info("stopping the SuperLink and the Fleet proxy")
         return 0
     finally:
-        stop_group(proc)
+        for proc in reversed(procs):
+            stop_group(proc)
+        stop_processes_of(coord.flwr_home)  # ServerApps that outlive the SuperLink
+
+
+def _wait_any(procs: list[subprocess.Popen]) -> int:
+    """Block until one of ``procs`` exits; its exit status (the rest are stopped by the
+    caller)."""
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                log.error("%s exited with %s", Path(str(proc.args[0])).name, proc.returncode)
+                return proc.returncode or 1
+        time.sleep(0.5)

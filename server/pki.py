@@ -132,6 +132,20 @@ def make_ca(layout: PkiLayout, days: int = 3650) -> None:
     layout.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")  # the Fleet proxy and the coordinator's CLI dial these
+
+
+def server_names(cert_path: Path) -> set[str]:
+    """The DNS names and IP addresses a certificate's subject alternative names hold."""
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return ({str(n) for n in sans.get_values_for_type(x509.DNSName)}
+            | {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)})
+
+
 def default_hosts() -> list[str]:
     """Loopback names and this machine's hostname: what the sites may dial."""
     return sorted({"127.0.0.1", "localhost", "::1", socket.gethostname()})
@@ -156,6 +170,7 @@ def make_server_cert(layout: PkiLayout, hosts: list[str], days: int = 825) -> No
     ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
     sans: list[x509.GeneralName] = []
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))  # the coordinator's own loopback
     for host in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))

@@ -20,6 +20,7 @@ one round ahead of the checkpoint, is never rewound.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from dpfl.server.runlock import RunLock
 from dpfl.server.secagg import SecureRound
 from dpfl.server.strategy import (
     AdapterFedAvg,
+    Enrolment,
     NodeSites,
     Round,
     RoundOutcome,
@@ -155,14 +157,17 @@ class PlainRound:
         replies = list(self.grid.send_and_receive(msgs, timeout=cfg.round_timeout))
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         replies = current_replies(rnd, replies, sent_to)  # a straggler's: dropped
+        unanswered = len(msgs) - len(replies)
+        replies, refused = self.node_site.admit(rnd, replies)  # not its enrolled site: out
         self.node_site.update(replies)
         reference = {k: adapter[k] for k in travelling_keys(adapter, cfg.ffa)}
         reports = [r for r in map(site_report, replies) if r is not None]
-        ok, rejected = self.strategy.split_replies(rnd, replies, reference, self.node_site.map,
-                                                   sent_to, reported={r.site for r in reports})
-        if len(msgs) > len(replies):
-            rejected[f"<{len(msgs) - len(replies)} unanswered>"] = (
-                f"no reply within {cfg.round_timeout}s")
+        ok, rejected = self.strategy.split_replies(
+            rnd, replies, reference, self.node_site.map, sent_to,
+            reported={r.site for r in reports}, max_examples=self.node_site.max_examples)
+        rejected.update(refused)
+        if unanswered > 0:
+            rejected[f"<{unanswered} unanswered>"] = f"no reply within {cfg.round_timeout}s"
         # what can fail comes first; then both privacy records are made durable; only then
         # is anything derived from the round (the client-level noise, the release) made
         mean = self._clipped_mean(reference, ok, sampled=len(msgs))
@@ -255,14 +260,17 @@ def write_final_adapter(fed: Federation, adapter: dict[str, np.ndarray]) -> None
     guarantee.write(fed.run / "adapter" / "privacy.json")
 
 
-def run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
+def run_federation(grid: Grid, cfg: FedConfig,
+                   enrolment: Mapping[int, Enrolment] | None = None) -> PrivacyLedger:
     """Run (or resume) the federated rounds; returns the final ledger. Only one coordinator
-    may write a run directory at a time (:class:`~dpfl.server.runlock.RunLock`)."""
+    may write a run directory at a time (:class:`~dpfl.server.runlock.RunLock`).
+    ``enrolment`` (node id -> listed site, in a deployment): see :class:`NodeSites`."""
     with RunLock(cfg.run_dir):
-        return _run_federation(grid, cfg)
+        return _run_federation(grid, cfg, enrolment)
 
 
-def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
+def _run_federation(grid: Grid, cfg: FedConfig,
+                    enrolment: Mapping[int, Enrolment] | None) -> PrivacyLedger:
     """Sample, round, checkpoint, log, grid; round after round, then the final adapter.
 
     The privacy order is kept inside ``round_.run``: the ledger (and the client-level
@@ -271,7 +279,7 @@ def _run_federation(grid: Grid, cfg: FedConfig) -> PrivacyLedger:
     fed = Federation.open(cfg)
     fed.run.write_config(cfg, base_fingerprint=fed.plan.base_fingerprint)
     done, adapter = fed.initial_adapter()
-    node_site = NodeSites(fed.run / "nodes.json")
+    node_site = NodeSites(fed.run / "nodes.json", enrolment)
     cdp = client_level_dp(cfg, fed.run)
     strategy = make_strategy(cfg, fed.ledger, node_site, done)
     round_ = make_round(grid, fed, node_site, strategy, cdp)

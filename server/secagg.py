@@ -250,11 +250,14 @@ class SecureRound:
         """Screen the masking stage's replies and write the ledger durably, before the
         unmasking stage: no aggregate exists without its spend on record. Returns the
         replies to unmask (none when too few carry an update: nothing is released)."""
+        unanswered = len(sent) - len(replies)
+        replies, refused = self.node_site.admit(rnd, replies)  # not its enrolled site: out
         reports = [r for r in map(site_report, replies) if r is not None]
         kept, rejected, accepted = self._screen(rnd, replies, sent, shapes,
                                                 {r.site for r in reports})
-        if len(sent) > len(replies):
-            rejected[f"<{len(sent) - len(replies)} unanswered>"] = (
+        rejected.update(refused)
+        if unanswered > 0:
+            rejected[f"<{unanswered} unanswered>"] = (
                 f"no reply within {self.cfg.round_timeout}s")
         if accepted < self.needed:
             rejected["<secagg-min-contributions>"] = (
@@ -284,7 +287,8 @@ class SecureRound:
             if msg.has_error():
                 rejected[site] = f"client error: {msg.error.reason}"
                 continue
-            problem = masked_shape_problem(msg, shapes, self.max_weight)
+            problem = masked_shape_problem(
+                msg, shapes, min(self.max_weight, self.node_site.max_examples(site)))
             if problem is not None:
                 rejected[site] = problem
                 continue

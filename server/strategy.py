@@ -156,12 +156,14 @@ class AdapterFedAvg(FedAvg):
     def split_replies(self, server_round: int, replies: Iterable[Message],
                       reference: dict[str, np.ndarray], known: Mapping[int, str] | None = None,
                       sent_to: Mapping[str, int] | None = None,
-                      reported: Collection[str] | None = None
+                      reported: Collection[str] | None = None,
+                      max_examples: Callable[[str], float] | None = None
                       ) -> tuple[list[Message], dict[str, str]]:
         """Replies that may be averaged, and {site: reason} for every one that may not
         (``known`` and ``sent_to`` name error replies, see :func:`reply_site`). With
         ``reported`` (the sites whose privacy report the ledger will record), an update
-        without a usable report is rejected: no spend on record, no average."""
+        without a usable report is rejected: no spend on record, no average. With
+        ``max_examples`` (site -> its enrolled bound), a weight above it is rejected."""
         ok, rejected = [], {}
         for msg in replies:
             site = reply_site(msg, known, sent_to)
@@ -179,7 +181,7 @@ class AdapterFedAvg(FedAvg):
                 continue
             update = {k: v.numpy() for k, v in arrays.items()}
             reason = check_update(update, reference, max_update_norm=self.max_update_norm) \
-                or check_weight(metrics)
+                or check_weight(metrics, max_examples(site) if max_examples else math.inf)
             if reason is None and reported is not None and site not in reported:
                 reason = MALFORMED_REPORT
             if reason:
@@ -198,21 +200,70 @@ class AdapterFedAvg(FedAvg):
         return super().aggregate_train(server_round, valid)
 
 
-class NodeSites:
-    """Which site each Flower node id answered as, kept on disk so that a restarted
-    coordinator does not ask an exhausted site again."""
+class Enrolment(Protocol):
+    """What the coordinator knows of a node it listed (:class:`dpfl.server.policy.Enrolled`)."""
 
-    def __init__(self, path: Path):
+    @property
+    def site(self) -> str: ...
+
+    @property
+    def max_examples(self) -> int: ...
+
+
+class NodeSites:
+    """Which site each Flower node id is, kept on disk so that a restarted coordinator does
+    not ask an exhausted site again.
+
+    In a deployment (``enrolment``: node id -> its listed site) a node *is* the site its key
+    was enrolled as: a reply from a node that is not enrolled, or that answers under another
+    site's name, is refused before its report or update is looked at (:meth:`admit`), and
+    every site's FedAvg weight is bounded by what it was enrolled with
+    (:meth:`max_examples`). A simulation has no enrolment: a node is the site it says."""
+
+    def __init__(self, path: Path, enrolment: Mapping[int, Enrolment] | None = None):
         self.path = path
+        self.enrolment = dict(enrolment) if enrolment is not None else None
         self.map: dict[int, str] = {}
         if path.exists():
             try:
                 self.map = {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
             except (OSError, ValueError) as exc:
                 log.warning("ignoring unreadable %s (%s); sites re-identify on reply", path, exc)
+        if self.enrolment is not None:
+            self.map.update({n: e.site for n, e in self.enrolment.items()})
 
     def get(self, node: int, default: str = "") -> str:
         return self.map.get(node, default)
+
+    def max_examples(self, site: str) -> float:
+        """The most examples ``site`` may weigh in FedAvg (no bound without an enrolment)."""
+        if self.enrolment is None:
+            return math.inf
+        return next((e.max_examples for e in self.enrolment.values() if e.site == site), 0)
+
+    def admit(self, rnd: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
+        """The replies that come from the enrolled site they name, and {who: why} for the
+        others (logged). Error replies pass: they carry no content and are rejected later."""
+        if self.enrolment is None:
+            return list(replies), {}
+        admitted, refused = [], {}
+        for msg in replies:
+            if msg.has_error():
+                admitted.append(msg)
+                continue
+            node = msg.metadata.src_node_id
+            enrolled = self.enrolment.get(node)
+            claimed = reply_site(msg)
+            if enrolled is None:
+                refused[f"node-{node}"] = f"node {node} is not enrolled with this coordinator"
+            elif claimed != enrolled.site:
+                refused[enrolled.site] = (f"node {node} is enrolled as {enrolled.site!r} but "
+                                          f"answered as {claimed!r}")
+            else:
+                admitted.append(msg)
+        for who, why in refused.items():
+            log.warning("round %d: reply refused (%s): %s", rnd, who, why)
+        return admitted, refused
 
     def update(self, replies: list[Message]) -> None:
         new = {m.metadata.src_node_id: reply_site(m) for m in replies

@@ -33,6 +33,14 @@ def cli(side: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"dpfl.{side}.cli", *args]
 
 
+def serve_cmd(pki: Path, coord: Path, port: int, root: Path, *extra: str) -> list[str]:
+    """``dpfl-server serve`` on loopback: the Fleet proxy on ``port``, the SuperLink's API on
+    a free port, and ``root`` (the test's directory) as both model root and runs root."""
+    return cli("server", "serve", "--pki", str(pki), "--state-dir", str(coord), "--port",
+               str(port), "--api-port", str(free_port()), "--model-root", str(root),
+               "--runs-root", str(root), *extra)
+
+
 class Harness:
     def __init__(self, tmp: Path):
         self.tmp = tmp

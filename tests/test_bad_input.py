@@ -569,3 +569,36 @@ def test_corrupt_ledger_is_named_and_kept(tmp_path):
                                                    " is unreadable") + ".*must never be reset"):
         PrivacyLedger.load_or_create(tmp_path / "ledger.json")
     assert (tmp_path / "ledger.json").read_text() == '{"rounds": [{"round": 1'
+
+
+# -- rows 18-21: the coordinator's control plane (issue #14) ---------------------------------
+@pytest.mark.parametrize("case, expected", [
+    ("nginx-missing", "nginx binary /nonexistent/nginx does not exist"),
+    ("examples-for-unlisted-site", "--site-examples names ['ghost'], which are not listed"),
+    ("examples-not-positive", "example bound must be a whole number >= 1"),
+    ("no-coordinator", "no coordinator serves from"),
+    ("remote-api", "the coordinator's API is on loopback only"),
+])
+def test_coordinator_setup_errors_are_named(tmp_path, case, expected):
+    from dpfl.server.cli import main as server_main
+    from dpfl.server.deploy import ServeOptions
+    from dpfl.server.policy import CoordinatorPolicy
+    from dpfl.server.proxy import find_nginx
+
+    before = files(tmp_path)
+    if case == "nginx-missing":
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            find_nginx("/nonexistent/nginx")
+    elif case.startswith("examples"):
+        examples = {"ghost": 5} if case == "examples-for-unlisted-site" else {"a": 0}
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            ServeOptions(site_keys={"a": tmp_path / "a.pub"}, site_examples=examples)
+    else:
+        if case == "remote-api":
+            CoordinatorPolicy(state_dir=tmp_path, api_address="127.0.0.1:1",
+                              public_address="0.0.0.0:2").write()
+            before = files(tmp_path)
+        extra = ["--superlink", "10.0.0.1:9094"] if case == "remote-api" else []
+        res = CliRunner().invoke(server_main, ["status", "--state-dir", str(tmp_path), *extra])
+        assert res.exit_code == 1 and expected in res.output, res.output
+    assert files(tmp_path) == before  # nothing written

@@ -227,7 +227,7 @@ def _leaf(pki, sans=("127.0.0.1",), aki=True, eku=ExtendedKeyUsageOID.SERVER_AUT
 
 
 @pytest.mark.parametrize("case", ["other-ca", "expired", "wrong-key", "bad-site-key",
-                                  "no-key-identifier", "no-address"])
+                                  "no-key-identifier", "no-address", "no-loopback"])
 def test_coordinator_refuses_bad_tls_files_before_starting(pki, tmp_path, monkeypatch, case):
     from dpfl.server import cli, deploy
 
@@ -253,6 +253,10 @@ def test_coordinator_refuses_bad_tls_files_before_starting(pki, tmp_path, monkey
     elif case == "no-address":
         pki.server_cert.write_bytes(_pem(_leaf(pki, sans=())))
         expected = f"server certificate {pki.server_cert} .* names no address"
+    elif case == "no-loopback":  # the Fleet proxy and the loopback commands could not dial it
+        pki.server_cert.write_bytes(_pem(_leaf(pki, sans=("coord.example.org", "127.0.0.1"))))
+        expected = (f"{pki.server_cert} does not name \\['localhost'\\], which the Fleet proxy "
+                    "and the coordinator's own commands dial on loopback; re-issue it")
     else:
         bad = tmp_path / "h2.pub"
         bad.write_text("ssh-ed25519 AAAA-not-a-key h2\n")

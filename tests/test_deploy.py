@@ -7,13 +7,15 @@ import json
 import socket
 import ssl
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from dpfl.shared.ldm.models import build_ldm, save_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant
 
-from .deploy_harness import ROOT, Harness, cli, env, free_port, wait_for
+from .deploy_harness import ROOT, Harness, cli, env, free_port, serve_cmd, wait_for
 from .test_federation import _silo
 
 SITES = ("site-0", "site-1", "site-2")
@@ -42,24 +44,112 @@ def _join(h: Harness, name: str, port: int, pki, key, base, silo, state) -> None
                       "--max-wait-time", "120"))
 
 
+def _flwr_json(home, *args: str) -> dict:
+    """A ``flwr`` CLI command with its own FLWR_HOME; its JSON answer (and the exit code)."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"],
+                          cwd=ROOT, env={**env(), "FLWR_HOME": str(home)}, capture_output=True,
+                          text=True, timeout=120)
+    out = proc.stdout[proc.stdout.find("{"):] if "{" in proc.stdout else "{}"
+    return {**json.loads(out), "rc": proc.returncode}
+
+
+def _stranger_home(tmp, port, ca) -> Path:
+    """What anybody holding only the federation's CA certificate can set up."""
+    home = tmp / "stranger"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "c"\n\n[superlink.c]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{ca}"\n')
+    return home
+
+
+def _attacks(tmp, port, pki, rogue_pki) -> dict:
+    """The Control API's commands against the public address, with only the CA."""
+    from dpfl.server.deploy import app_dir
+
+    home = _stranger_home(tmp, port, pki / "ca.crt")
+    app = app_dir(None, tmp / "stranger-app")
+    return {"ls": _flwr_json(home, "ls", "c"),
+            "supernode ls": _flwr_json(home, "supernode", "ls", "c"),
+            "register": _flwr_json(home, "supernode", "register",
+                                   str(rogue_pki / "sites" / "rogue" / "node.pub"), "c"),
+            "run": _flwr_json(home, "run", str(app), "c", "--run-config",
+                              f'run-dir="{tmp / "stranger-run"}"'),
+            "stop": _flwr_json(home, "stop", "1", "c")}
+
+
+def _bad_runs(tmp, coord) -> dict:
+    """Run configs naming paths outside what ``serve`` allows: through ``dpfl-server run``
+    (refused before submitting) and submitted raw over loopback (the ServerApp refuses)."""
+    out = {}
+    home = coord / "flwr-home"
+    for key, value in (("run-dir", "/etc/x"), ("base-model", "../../x")):
+        good = {"base-model": str(tmp / "base"), "run-dir": "runs/ok"}
+        sets = {**good, key: value}
+        out[f"cli {key}"] = subprocess.run(
+            cli("server", "run", "--pki", str(tmp / "pki"), "--state-dir", str(coord),
+                "--no-wait", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]),
+            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        out[f"raw {key}"] = _flwr_json(home, "run", str(coord / "app"), "dpfl", "--run-config",
+                                       " ".join(f'{k}="{v}"' for k, v in sets.items()))
+    wait_for(lambda: all(str(r.get("status", "")).startswith("finished")
+                         for r in _flwr_json(home, "ls", "dpfl")["runs"]),
+             300, "the refused runs to finish")
+    out["runs"] = _flwr_json(home, "ls", "dpfl")["runs"]
+    for key in ("run-dir", "base-model"):
+        run_id = str(out[f"raw {key}"].get("run-id"))
+        out[f"log {key}"] = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "log", run_id, "dpfl", "--show"],
+            cwd=ROOT, env={**env(), "FLWR_HOME": str(home)}, capture_output=True, text=True,
+            timeout=120).stdout
+    return out
+
+
+def _status(tmp, coord) -> dict:
+    res = subprocess.run(cli("server", "status", "--pki", str(tmp / "pki"), "--state-dir",
+                             str(coord), "--json"),
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def _stop_a_run(tmp, coord, sets) -> tuple[subprocess.CompletedProcess, dict]:
+    """Submit a long run without waiting, stop it with ``dpfl-server stop``."""
+    submit = subprocess.run(
+        cli("server", "run", "--pki", str(tmp / "pki"), "--state-dir", str(coord), "--no-wait",
+            *[a for k, v in {**sets, "run-dir": tmp / "run-stopped", "num-rounds": 50}.items()
+              for a in ("--set", f"{k}={v}")]),
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stderr
+    run_id = submit.stdout.split()[1]
+    stop = subprocess.run(cli("server", "stop", "--pki", str(tmp / "pki"), "--state-dir",
+                              str(coord), run_id),
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    runs = {str(r["run-id"]): r for r in _status(tmp, coord)["runs"]}
+    return stop, runs[run_id]
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     base = save_ldm(build_ldm("tiny", seed=0), tmp / "base")
-    pki, rogue_pki = tmp / "pki", tmp / "rogue-pki"
+    pki, rogue_pki, coord = tmp / "pki", tmp / "rogue-pki", tmp / "coord"
     for out, sites in ((pki, SITES), (rogue_pki, ("rogue",))):
         subprocess.run(cli("server", "certs", "--out", str(out), "--host", "127.0.0.1",
                            "--host", "localhost", *[a for s in sites for a in ("--site", s)]),
                        cwd=ROOT, env=env(), check=True, capture_output=True, timeout=120)
     port = free_port()
     h = Harness(tmp)
+    res: dict = dict(tmp=tmp, h=h)
     try:
-        h.start("coordinator", cli("server", "serve", "--pki", str(pki), "--state-dir",
-                                   str(tmp / "coord"), "--port", str(port)))
+        # site-2 is enrolled with a bound below the 48 examples it will report
+        h.start("coordinator", serve_cmd(pki, coord, port, tmp, "--site-examples", "site-2=10"))
         wait_for(lambda: "SuperLink ready" in h.output("coordinator")
                  or h.procs["coordinator"].poll() is not None, 180, "SuperLink")
         assert "SuperLink ready" in h.output("coordinator"), h.output("coordinator")[-3000:]
-        tls = _tls_checks(port, pki / "ca.crt")
+        res["tls"] = _tls_checks(port, pki / "ca.crt")
+        res["attacks"] = _attacks(tmp, port, pki, rogue_pki)
+        res["status_before"] = _status(tmp, coord)
         for i, site in enumerate(SITES):
             _silo(tmp / f"silo{i}.npz", i, [(0, 1, 2), (3, 4, 5), (6, 7, 8)][i])
             _join(h, site, port, pki, pki / "sites" / site / "node.key", base,
@@ -69,17 +159,19 @@ def deployment(tmp_path_factory):
         sets = {"base-model": base, "run-dir": tmp / "run", "num-rounds": 2, "batch-size": 16,
                 "noise-multiplicity": 2, "target-epsilon": 4.0, "min-available-nodes": 3,
                 "sample-steps": 2, "lr": 5e-3, "round-timeout": 600}
-        run = subprocess.run(
-            cli("server", "run", "--pki", str(pki), "--state-dir", str(tmp / "coord"),
-                "--superlink", f"127.0.0.1:{port}", "--timeout", "900",
-                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]),
+        res["run"] = subprocess.run(
+            cli("server", "run", "--pki", str(pki), "--state-dir", str(coord), "--timeout",
+                "900", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]),
             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1000)
-        rogue_rc = h.procs["rogue"].poll()
+        res["rogue_rc"] = h.procs["rogue"].poll()
+        res["bad"] = _bad_runs(tmp, coord)
+        res["stop"], res["stopped_run"] = _stop_a_run(tmp, coord, sets)
     finally:
-        left = h.stop_all()
+        res["left"] = h.stop_all()
+    run = res["run"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + \
-        (tmp / "coord" / "superlink.log").read_text()[-3000:]
-    return dict(tmp=tmp, h=h, run=run, tls=tls, rogue_rc=rogue_rc, left=left)
+        (coord / "superlink.log").read_text()[-3000:]
+    return res
 
 
 def test_listed_sites_train_two_rounds_over_tls(deployment):
@@ -112,3 +204,51 @@ def test_every_process_is_stopped(deployment):
     assert deployment["left"] == []
     for name, proc in deployment["h"].procs.items():
         assert proc.poll() is not None, name
+
+
+@pytest.mark.parametrize("attack", ["ls", "supernode ls", "register", "run", "stop"])
+def test_the_public_address_serves_no_control_api(deployment, attack):
+    answer = deployment["attacks"][attack]
+    assert answer["success"] is False, answer
+    assert "404" in answer["error-message"], answer  # nginx: no such route here
+
+
+def test_a_stranger_could_not_register_and_cannot_join(deployment):
+    assert {s["site"] for s in deployment["status_before"]["sites"]} == set(SITES)
+    assert not (deployment["tmp"] / "stranger-run").exists()
+    test_unlisted_site_is_refused(deployment)  # the rogue's key was never listed
+
+
+def test_the_coordinator_runs_status_and_stops_over_loopback(deployment):
+    status = deployment["status_before"]
+    assert status["api-address"].startswith("127.0.0.1:")
+    assert status["fleet-address"] != status["api-address"]
+    assert {s["site"]: s["max-examples"] for s in status["sites"]}["site-2"] == 10
+    assert deployment["stop"].returncode == 0, deployment["stop"].stderr
+    assert deployment["stopped_run"]["status"] == "finished:stopped"
+
+
+@pytest.mark.parametrize("key, value", [("run-dir", "/etc/x"), ("base-model", "../../x")])
+def test_a_run_config_naming_paths_outside_is_refused(deployment, key, value):
+    cli_run = deployment["bad"][f"cli {key}"]
+    assert cli_run.returncode != 0
+    assert f"run config: {key}" in cli_run.stderr, cli_run.stderr
+    raw = deployment["bad"][f"raw {key}"]
+    assert raw["success"] is True  # the Control API took it (over loopback) ...
+    status = {str(r["run-id"]): r["status"] for r in deployment["bad"]["runs"]}
+    assert status[str(raw["run-id"])] == "finished:failed"  # ... the ServerApp refused it
+    assert f"ConfigError: run config: {key}" in deployment["bad"][f"log {key}"]
+    assert not Path("/etc/x").exists()
+    assert not (deployment["tmp"] / "coord" / "x").exists()
+
+
+def test_a_weight_above_the_enrolled_bound_is_rejected_and_logged(deployment):
+    run = deployment["tmp"] / "run"
+    led = json.loads((run / "ledger.json").read_text())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in logged] == [1, 2]
+    for rnd, line in zip(led["rounds"], logged):
+        assert set(rnd["rejected"]) == set(line["rejected"]) == {"site-2"}
+        assert "num-examples 48 exceeds the 10 examples" in rnd["rejected"]["site-2"]
+        assert line["accepted"] == 2  # the average is the other two's
+        assert "site-2" in rnd["sites"]  # its spend is on record all the same

@@ -11,7 +11,16 @@ import pytest
 from dpfl.shared.ldm.models import build_ldm, save_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant
 
-from .deploy_harness import ROOT, Harness, checkpoint_round, cli, env, free_port, wait_for
+from .deploy_harness import (
+    ROOT,
+    Harness,
+    checkpoint_round,
+    cli,
+    env,
+    free_port,
+    serve_cmd,
+    wait_for,
+)
 from .test_deploy import SITES, _join
 from .test_federation import _silo
 
@@ -20,8 +29,7 @@ def _submit(pki, coord, port, base, run_dir):
     sets = {"base-model": base, "run-dir": run_dir, "num-rounds": 2, "batch-size": 16,
             "noise-multiplicity": 2, "target-epsilon": 4.0, "min-available-nodes": 2,
             "sample-steps": 2, "lr": 5e-3, "round-timeout": 150}
-    return cli("server", "run", "--pki", str(pki), "--state-dir", str(coord), "--superlink",
-               f"127.0.0.1:{port}", "--timeout", "900",
+    return cli("server", "run", "--pki", str(pki), "--state-dir", str(coord), "--timeout", "900",
                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
 
 
@@ -34,8 +42,7 @@ def recovery(tmp_path_factory):
                        *[a for s in SITES for a in ("--site", s)]),
                    cwd=ROOT, env=env(), check=True, capture_output=True, timeout=120)
     port = free_port()
-    serve = cli("server", "serve", "--pki", str(pki), "--state-dir", str(coord), "--port",
-                str(port))
+    serve = serve_cmd(pki, coord, port, tmp)
     h = Harness(tmp)
     out = {"tmp": tmp, "h": h}
     try:

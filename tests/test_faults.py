@@ -40,7 +40,16 @@ from dpfl.shared.io import read_jsonl
 from dpfl.shared.ldm.models import build_ldm, save_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant, epsilon_of
 
-from .deploy_harness import ROOT, Harness, checkpoint_round, cli, env, free_port, wait_for
+from .deploy_harness import (
+    ROOT,
+    Harness,
+    checkpoint_round,
+    cli,
+    env,
+    free_port,
+    serve_cmd,
+    wait_for,
+)
 from .test_federation import _silo
 
 POINTS = int(os.environ.get("DPFL_FAULT_POINTS", "20"))
@@ -153,8 +162,7 @@ class Deployment:
     # -- coordinator -------------------------------------------------------------------
     def start_coordinator(self) -> None:
         name = self._name("coordinator")
-        self.h.start(name, cli("server", "serve", "--pki", str(self.pki), "--state-dir",
-                               str(self.coord), "--port", str(self.port)))
+        self.h.start(name, serve_cmd(self.pki, self.coord, self.port, self.tmp))
         self.current["coordinator"] = name
         wait_for(lambda: "SuperLink ready" in self.h.output(name)
                  or self.h.procs[name].poll() is not None, 180, "SuperLink")
@@ -168,8 +176,7 @@ class Deployment:
                 "round-timeout": 60}
         name = self._name("run")
         self.h.start(name, cli("server", "run", "--pki", str(self.pki), "--state-dir",
-                               str(self.coord), "--superlink", f"127.0.0.1:{self.port}",
-                               "--timeout", str(DEADLINE),
+                               str(self.coord), "--timeout", str(DEADLINE),
                                *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]))
         self.current["run"] = name
 

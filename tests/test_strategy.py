@@ -98,3 +98,66 @@ def test_updates_failing_the_check_or_the_weight_are_named_with_the_reason():
     assert [m.content["site"]["site-id"] for m in ok] == ["near"]
     assert rejected == {"far": "update norm 3.46 exceeds the bound 3",
                         "half": "num-examples must be a whole number >= 1, got 0.5"}
+
+
+# --- enrolment (a deployment): a node is the site its key was listed as, with a weight bound
+
+
+def _from(node, msg):
+    """``msg``'s content as node ``node``'s reply to an instruction sent to it."""
+    sent = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    return Message(content=msg.content, reply_to=sent)
+
+
+def _enrolment():
+    from dpfl.server.policy import Enrolled
+
+    return {1: Enrolled("a", 1, "k1", 1000), 2: Enrolled("b", 2, "k2", 1000),
+            3: Enrolled("big", 3, "k3", 500)}
+
+
+def test_a_weight_above_the_enrolled_bound_is_rejected_and_the_others_averaged(tmp_path):
+    from dpfl.server.strategy import NodeSites
+
+    sites = NodeSites(tmp_path / "nodes.json", _enrolment())
+    strat = AdapterFedAvg(excluded=lambda n: False)
+    a = {k: np.full(v.shape, 1.0, np.float32) for k, v in REF.items()}
+    b = {k: np.full(v.shape, 4.0, np.float32) for k, v in REF.items()}
+    big = {k: np.full(v.shape, 100.0, np.float32) for k, v in REF.items()}
+    replies = [_from(1, _reply("a", a, 100)), _from(2, _reply("b", b, 300)),
+               _from(3, _reply("big", big, 10**9))]
+    admitted, refused = sites.admit(1, replies)
+    assert refused == {} and len(admitted) == 3
+    ok, rejected = strat.split_replies(1, admitted, REF, max_examples=sites.max_examples)
+    assert rejected == {"big": "num-examples 1000000000 exceeds the 500 examples the site "
+                               "was enrolled with"}
+    agg, _ = strat.aggregate_valid(1, ok)
+    for v in agg.values():  # the weighted mean of a and b alone: (100*1 + 300*4) / 400
+        np.testing.assert_allclose(v.numpy(), 3.25)
+    # at its bound it is an ordinary site
+    ok, rejected = strat.split_replies(1, [_from(3, _reply("big", big, 500))], REF,
+                                       max_examples=sites.max_examples)
+    assert len(ok) == 1 and rejected == {}
+
+
+def test_a_node_answering_as_another_site_or_not_enrolled_is_refused(tmp_path, caplog):
+    from dpfl.server.strategy import NodeSites
+
+    sites = NodeSites(tmp_path / "nodes.json", _enrolment())
+    replies = [_from(1, _reply("a", REF, 10)), _from(2, _reply("a", REF, 10)),
+               _from(9, _reply("stranger", REF, 10))]
+    admitted, refused = sites.admit(4, replies)
+    assert [m.metadata.src_node_id for m in admitted] == [1]
+    assert refused == {"b": "node 2 is enrolled as 'b' but answered as 'a'",
+                       "node-9": "node 9 is not enrolled with this coordinator"}
+    assert "round 4: reply refused (b)" in caplog.text
+    assert sites.get(2) == "b" and sites.max_examples("nobody") == 0
+
+
+def test_without_an_enrolment_every_reply_is_admitted_unbounded(tmp_path):
+    from dpfl.server.strategy import NodeSites
+
+    sites = NodeSites(tmp_path / "nodes.json")
+    replies = [_from(9, _reply("anyone", REF, 10))]
+    assert sites.admit(1, replies) == (replies, {})
+    assert sites.max_examples("anyone") == float("inf")

@@ -7,9 +7,12 @@ pinned packages it was installed with.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 from dpfl.shared.errors import DpflError
@@ -37,3 +40,45 @@ def flwr_bin(name: str) -> str:
         raise DeployError(f"'{name}' not found beside {sys.executable} or on PATH; "
                           "install dpfl with its pinned flwr (pip install -e .)")
     return found
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a supervised child: it gets SIGTERM when the process that started it
+    dies (Linux ``PR_SET_PDEATHSIG``), so a supervisor killed with SIGKILL leaves no SuperLink
+    or proxy holding its ports."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def processes_of(flwr_home: Path) -> list[int]:
+    """Pids of the processes (ours to read) whose ``FLWR_HOME`` is ``flwr_home``: what a
+    SuperLink or SuperNode started, detached (SuperExec, ServerApp, ClientApp processes)."""
+    want = b"FLWR_HOME=" + str(flwr_home).encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in environ and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+def stop_processes_of(flwr_home: Path, grace: float = 5.0) -> int:
+    """SIGTERM every process of ``flwr_home`` (:func:`processes_of`), SIGKILL what is left
+    after ``grace`` seconds; returns how many there were."""
+    pids = processes_of(flwr_home)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and processes_of(flwr_home):
+            time.sleep(0.2)
+        pids = processes_of(flwr_home)
+        if not pids:
+            break
+    return len(pids)

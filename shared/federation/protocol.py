@@ -118,12 +118,16 @@ class SiteReport:
         return rep
 
 
-def check_weight(metrics: Mapping[str, object]) -> str | None:
-    """Why a reply's FedAvg weight ``num-examples`` is unusable, or None."""
+def check_weight(metrics: Mapping[str, object], bound: float = math.inf) -> str | None:
+    """Why a reply's FedAvg weight ``num-examples`` is unusable, or None: it must be a whole
+    number >= 1 and at most ``bound`` (the site's enrolled bound, in a deployment)."""
     n = metrics.get(NUM_EXAMPLES)
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) \
             or n < 1 or n != int(n):
         return f"{NUM_EXAMPLES} must be a whole number >= 1, got {n!r}"
+    if n > bound:
+        return (f"{NUM_EXAMPLES} {int(n)} exceeds the {bound:g} examples the site was "
+                "enrolled with")
     return None
 
 
