@@ -12,4 +12,4 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # shared/federation (both configured in pyproject.toml)
 ruff check --no-cache .
 mypy --no-incremental
-exec python -m pytest -q -p no:cacheprovider tests "$@"
+exec python -m pytest -q -p no:cacheprovider --durations=30 tests "$@"

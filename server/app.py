@@ -9,6 +9,8 @@ before anything is written, its paths are confined and its sites' enrolment load
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -30,11 +32,25 @@ def make_server_app(cfg: FedConfig | None = None) -> ServerApp:
             return
         policy = CoordinatorPolicy.from_env()
         confined = policy.confine(FedConfig.from_run_config(context.run_config))
+        _log_to(Path(confined.run_dir))
         log.info("run %s: run-dir %s, base-model %s, %d enrolled site(s)", grid.run.run_id,
                  confined.run_dir, confined.base_model, len(policy.sites))
         run_federation(grid, confined, enrolment=policy.enrolment())
 
     return app
+
+
+def _log_to(run_dir: Path) -> None:
+    """dpfl's log lines (INFO and up) of this ServerApp process to its stderr, which ``flwr
+    log`` shows, and to ``RUN_DIR/server.log`` (appended across resumed runs)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger("dpfl")
+    for handler in (logging.StreamHandler(sys.stderr),
+                    logging.FileHandler(run_dir / "server.log", encoding="utf-8")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 app = make_server_app()

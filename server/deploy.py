@@ -44,6 +44,7 @@ from dpfl.server.policy import (
     CoordinatorPolicy,
     Enrolled,
     enrol,
+    key_fingerprint,
 )
 from dpfl.server.proxy import FleetProxy, find_nginx, start_proxy
 from dpfl.shared.deploy.certs import check_node_public_key, check_server_files
@@ -270,22 +271,17 @@ def list_runs(coord: Coordinator) -> list[dict]:
     return list(_flwr(coord, ["list", CONNECTION]).get("runs", []))
 
 
+def list_nodes(coord: Coordinator) -> dict[int, dict]:
+    """Every node the SuperLink knows (``flwr supernode ls -v`` over loopback): node id ->
+    its status (``online``, ``offline``, ``registered``, ``unregistered``) and times."""
+    nodes = _flwr(coord, ["supernode", "ls", CONNECTION, "-v"]).get("nodes", [])
+    return {int(n["node-id"]): n for n in nodes}
+
+
 def stop_run(coord: Coordinator, run_id: int) -> None:
     """Stop run ``run_id`` (``flwr stop`` over loopback)."""
     _flwr(coord, ["stop", str(run_id), CONNECTION])
     log.info("stopped run %s", run_id)
-
-
-def wait_run(coord: Coordinator, run_id: int, timeout: float, poll: float = 3.0) -> str:
-    """Poll until run ``run_id`` has finished; returns its final status."""
-    deadline = time.monotonic() + timeout
-    status = ""
-    while time.monotonic() < deadline:
-        status = run_status(coord, run_id)
-        if status.startswith(FINISHED):
-            return status
-        time.sleep(poll)
-    raise DeployError(f"run {run_id} still '{status}' after {timeout:.0f}s")
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -373,12 +369,18 @@ def enrol_sites(coord: Coordinator, opts: ServeOptions) -> tuple[Enrolled, ...]:
         unregister_node(coord, previous[gone].node_id)
         log.warning("unregistered %s (node %d): it is no longer listed", gone,
                     previous[gone].node_id)
+    known = list_nodes(coord) if previous else {}
     enrolled = []
     for site, pub in opts.site_keys.items():
-        node_id = register_site(coord, pub, site)
+        old = previous.get(site)
+        if old is not None and old.key_sha256 == key_fingerprint(pub) and \
+                known.get(old.node_id, {}).get("status", "unregistered") != "unregistered":
+            node_id = None  # listed before as this node, and the SuperLink still has it
+            log.info("%s: listed before as node %d", site, old.node_id)
+        else:
+            node_id = register_site(coord, pub, site)
         bound = opts.site_examples.get(site, opts.max_site_examples)
         enrolled.append(enrol(previous, site, node_id, pub, bound))
-        old = previous.get(site)
         if old is not None and old.node_id != enrolled[-1].node_id:  # a new key: rotated
             unregister_node(coord, old.node_id)
             log.warning("unregistered %s's previous key (node %d)", site, old.node_id)
@@ -417,7 +419,7 @@ def serve(coord: Coordinator, opts: ServeOptions) -> int:
             state_dir=coord.state_dir, api_address=coord.api_address,
             public_address=coord.address, model_roots=opts.model_roots,
             runs_root=opts.runs_root or coord.state_dir / "runs",
-            sites=enrol_sites(coord, opts))
+            sites=enrol_sites(coord, opts), started_at=time.time())
         policy.write()
         stop_leftover_runs(coord)
         log.info("SuperLink ready: Fleet API on %s (nginx), loopback API on %s, %d listed "

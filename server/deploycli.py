@@ -152,6 +152,7 @@ def run_cmd(pki: str, state_dir: str, api: str | None, app: str | None,
             overrides: tuple[str, ...], timeout: float, wait: bool) -> None:
     """Submit the federated DP fine-tuning run to this machine's coordinator."""
     from dpfl.server import deploy
+    from dpfl.server.follow import follow
     from dpfl.shared.federation.config import FedConfig
     from dpfl.shared.federation.ledger import PrivacyLedger
 
@@ -165,10 +166,13 @@ def run_cmd(pki: str, state_dir: str, api: str | None, app: str | None,
         confined = policy.confine(dataclasses.replace(cfg, base_model=values["base-model"]))
         app_path = deploy.app_dir(app, coord.state_dir / "app")
         run_id = deploy.submit_run(coord, app_path, values)
-        click.echo(f"run {run_id} submitted to {policy.api_address}")
+        click.echo(f"run {run_id} submitted to {policy.api_address}; run directory "
+                   f"{confined.run_dir}")
         if not wait:
             return
-        status = deploy.wait_run(coord, run_id, timeout)
+        run_id, status = follow(coord, run_id, Path(confined.run_dir), timeout,
+                                lambda: deploy.submit_run(coord, app_path, values),
+                                lambda line: click.echo(line))
     except (DpflError, ValueError) as exc:
         fail(exc)
     click.echo(f"run {run_id}: {status}")
@@ -184,30 +188,58 @@ def run_cmd(pki: str, state_dir: str, api: str | None, app: str | None,
                                 click.Option(["--json", "as_json"], is_flag=True,
                                              help="One JSON object instead of text.")])
 def status(pki: str, state_dir: str, api: str | None, as_json: bool) -> None:
-    """The coordinator's runs and enrolled sites (over its loopback API)."""
+    """The coordinator's runs, its enrolled sites (connected or not, last seen) and the
+    privacy ledgers under its runs root (over its loopback API)."""
     from dpfl.server import deploy
 
     try:
         coord, policy = _loopback(pki, state_dir, api)
-        runs = deploy.list_runs(coord)
+        runs, nodes = deploy.list_runs(coord), deploy.list_nodes(coord)
     except DpflError as exc:
         fail(exc)
-    sites = [{"site": e.site, "node-id": e.node_id, "max-examples": e.max_examples}
-             for e in policy.sites]
-    if as_json:
-        click.echo(json.dumps({"fleet-address": policy.public_address,
-                               "api-address": policy.api_address, "sites": sites,
-                               "runs": runs}, indent=2))
-        return
-    click.echo(f"Fleet API (public): {policy.public_address}   loopback API: "
-               f"{policy.api_address}")
-    for s in sites:
-        click.echo(f"site {s['site']}: node {s['node-id']}, at most {s['max-examples']} "
-                   "examples")
-    for r in runs:
-        click.echo(f"run {r.get('run-id')}: {r.get('status')}")
-    if not runs:
-        click.echo("no runs")
+    report = {"fleet-address": policy.public_address, "api-address": policy.api_address,
+              "sites": [_site_row(e, nodes.get(e.node_id, {})) for e in policy.sites],
+              "runs": runs, "ledgers": _ledgers(policy.runs_root)}
+    click.echo(json.dumps(report, indent=2) if as_json else _status_text(report))
+
+
+def _site_row(enrolled, node: dict) -> dict:
+    return {"site": enrolled.site, "node-id": enrolled.node_id,
+            "max-examples": enrolled.max_examples, "status": node.get("status", "unknown"),
+            "online-at": node.get("online-at", ""), "offline-at": node.get("offline-at", "")}
+
+
+def _ledgers(runs_root: Path) -> list[dict]:
+    """A line per run directory with a ledger under ``runs_root``: rounds and global ε."""
+    from dpfl.shared.federation.ledger import read_ledger
+
+    rows = []
+    for path in sorted(runs_root.glob("**/ledger.json")):
+        try:
+            led = read_ledger(path)
+        except DpflError as exc:
+            rows.append({"run-dir": str(path.parent), "error": str(exc)})
+            continue
+        rounds = led.get("rounds", [])
+        last = rounds[-1] if rounds else {}
+        rows.append({"run-dir": str(path.parent), "rounds": len(rounds),
+                     "global-epsilon": last.get("global_epsilon"),
+                     "global-delta": last.get("global_delta")})
+    return rows
+
+
+def _status_text(report: dict) -> str:
+    lines = [f"Fleet API (public): {report['fleet-address']}   loopback API: "
+             f"{report['api-address']}"]
+    for s in report["sites"]:
+        seen = s["online-at"] if s["status"] == "online" else s["offline-at"]
+        lines.append(f"site {s['site']}: {s['status']}{f' since {seen}' if seen else ''}, "
+                     f"node {s['node-id']}, at most {s['max-examples']} examples")
+    lines += [f"run {r.get('run-id')}: {r.get('status')}" for r in report["runs"]] or ["no runs"]
+    for row in report["ledgers"]:
+        lines.append(f"ledger {row['run-dir']}: " + (row["error"] if "error" in row else
+                     f"{row['rounds']} round(s), global epsilon {row['global-epsilon']}"))
+    return "\n".join(lines)
 
 
 @click.command(cls=LazyCommand, context_settings=CTX,

@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,13 @@ _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass(frozen=True)
 class PkiLayout:
-    """Where the files of one deployment's PKI live (see the module docstring)."""
+    """Where the files of one deployment's PKI live (see the module docstring). The root is
+    made absolute at once: the flwr CLI that registers keys runs in another directory."""
 
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
 
     @property
     def ca_cert(self) -> Path:
@@ -119,7 +124,8 @@ def make_ca(layout: PkiLayout, days: int = 3650) -> None:
     extensions RFC 5280 and the CA/Browser Forum profile expect of a root: basicConstraints
     and keyUsage (critical), subject and authority key identifiers."""
     key = ec.generate_private_key(ec.SECP384R1())
-    name = _name("dpfl federation CA")
+    # a subject of its own: a site given another federation's CA is told which one it holds
+    name = _name(f"dpfl federation CA {secrets.token_hex(4)}")
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (_builder(name, name, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

@@ -56,6 +56,7 @@ class CoordinatorPolicy:
     model_roots: tuple[Path, ...] = ()
     runs_root: Path = Path()
     sites: tuple[Enrolled, ...] = field(default_factory=tuple)
+    started_at: float = 0.0  # when this serve started (time.time()): a follower re-attaches
 
     def __post_init__(self) -> None:
         state = Path(self.state_dir).resolve()
@@ -73,7 +74,8 @@ class CoordinatorPolicy:
         data = {"format": FORMAT, "state_dir": str(self.state_dir),
                 "api_address": self.api_address, "public_address": self.public_address,
                 "model_roots": [str(p) for p in self.model_roots],
-                "runs_root": str(self.runs_root), "sites": [asdict(e) for e in self.sites]}
+                "runs_root": str(self.runs_root), "sites": [asdict(e) for e in self.sites],
+                "started_at": self.started_at}
         return atomic_write_json(Path(self.state_dir) / POLICY_FILE, data)
 
     @classmethod
@@ -91,7 +93,8 @@ class CoordinatorPolicy:
                        public_address=data["public_address"],
                        model_roots=tuple(Path(p) for p in data["model_roots"]),
                        runs_root=Path(data["runs_root"]),
-                       sites=tuple(Enrolled(**e) for e in data["sites"]))
+                       sites=tuple(Enrolled(**e) for e in data["sites"]),
+                       started_at=float(data.get("started_at", 0.0)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is unreadable: {exc}") from exc
 

@@ -46,9 +46,9 @@ class Harness:
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], cwd: Path = ROOT) -> subprocess.Popen:
         out = open(self.tmp / f"{name}.out", "ab")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         out.close()
         self.procs[name] = proc

@@ -60,8 +60,7 @@ def recovery(tmp_path_factory):
         h.kill("site-2")
         wait_for(lambda: checkpoint_round(run_dir) >= 1, 400, "round 1 checkpoint")
         out["ledger_r1"] = json.loads((run_dir / "ledger.json").read_text())
-        for name in ("run1", "coordinator"):  # crash the coordinator: SIGKILL everything
-            h.kill(name)
+        h.kill("coordinator")  # crash the coordinator: SIGKILL; run1's follower lives on
         for line in h.leftovers():  # the coordinator's detached children, not the sites'
             if ("flower-superlink" in line or "serverapp" in line
                     or ("superexec" in line and f":{port} " in line + " ")):
@@ -69,8 +68,9 @@ def recovery(tmp_path_factory):
         out["round_at_crash"] = checkpoint_round(run_dir)
         h.start("coordinator2", serve)
         wait_for(lambda: "SuperLink ready" in h.output("coordinator2"), 180, "restart")
-        out["run2"] = subprocess.run(_submit(pki, coord, port, base, run_dir), cwd=ROOT,
-                                     env=env(), capture_output=True, text=True, timeout=1000)
+        # the follower re-attaches, resubmits the stopped run and follows it to the end
+        wait_for(lambda: h.procs["run1"].poll() is not None, 1000, "run1's follower")
+        out["run1"] = (h.procs["run1"].returncode, h.output("run1"))
     finally:
         out["left"] = h.stop_all()
     return out
@@ -87,8 +87,8 @@ def test_killed_site_round_completes_with_the_others(recovery):
 
 
 def test_restarted_coordinator_resumes_at_round_two(recovery):
-    run2 = recovery["run2"]
-    assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
+    code, output = recovery["run1"]
+    assert code == 0, output[-3000:]
     assert recovery["round_at_crash"] == 1
     tmp = recovery["tmp"]
     led = json.loads((tmp / "run" / "ledger.json").read_text())
@@ -102,6 +102,18 @@ def test_restarted_coordinator_resumes_at_round_two(recovery):
         assert led["sites"][site]["epsilon"] == pytest.approx(own.epsilon(), rel=1e-9)
         assert r2["sites"][site]["epsilon"] > led["rounds"][0]["sites"][site]["epsilon"]
     assert checkpoint_round(tmp / "run") == 2
+
+
+def test_the_follower_reattached_and_showed_every_round(recovery):
+    code, output = recovery["run1"]
+    lines = output.splitlines()
+    assert any("waiting to re-attach" in line for line in lines), output[-3000:]
+    assert any("was stopped by a coordinator restart; resubmitted as run" in line
+               for line in lines), output[-3000:]
+    rounds = [line.split(":")[0] for line in lines if line.startswith("round ")]
+    assert rounds[0] == "round 1" and rounds[-1] == "round 2", rounds
+    assert any(line.startswith("run ") and line.endswith(": finished:completed")
+               for line in lines), output[-3000:]
 
 
 def test_every_process_is_stopped(recovery):

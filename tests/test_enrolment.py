@@ -1,6 +1,8 @@
 """Enrolment across coordinator restarts, with real processes: a site whose key is rotated is
 re-registered and its old node unregistered; a site no longer listed is unregistered; what
-``serve`` recorded (``coordinator.json``) follows. Stale keys must not stay valid."""
+``serve`` recorded (``coordinator.json``) follows. Stale keys must not stay valid. The first
+``serve`` is started as the deployment guide writes it: relative ``--pki`` and
+``--state-dir`` from the operator's own directory."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from .deploy_harness import ROOT, Harness, cli, env, free_port, serve_cmd, wait_
 from .test_deploy import _flwr_json
 
 
-def _serve(h: Harness, name: str, cmd: list[str]) -> None:
-    h.start(name, cmd)
+def _serve(h: Harness, name: str, cmd: list[str], cwd=ROOT) -> None:
+    h.start(name, cmd, cwd=cwd)
     wait_for(lambda: "SuperLink ready" in h.output(name) or h.procs[name].poll() is not None,
              180, "SuperLink")
     assert "SuperLink ready" in h.output(name), h.output(name)[-3000:]
@@ -40,7 +42,10 @@ def restarts(tmp_path_factory):
     h = Harness(tmp)
     out = {}
     try:
-        _serve(h, "first", serve_cmd(pki, coord, port, tmp))
+        relative = cli("server", "serve", "--pki", "pki", "--state-dir", "coord", "--port",
+                       str(port), "--api-port", str(free_port()), "--model-root", ".",
+                       "--runs-root", ".")
+        _serve(h, "first", relative, cwd=tmp)
         out["first"] = _enrolled(tmp, coord)
         h.stop("first")
         _serve(h, "second", serve_cmd(pki, coord, port, tmp, "--site-key",
