@@ -17,7 +17,7 @@ from dpfl.client.cli import main as client_main
 from dpfl.server.cli import main as server_main
 from dpfl.shared.defaults import default_of, defaults_of
 
-SCRIPTS = {"dpfl-server": "dpfl.server.cli:main", "dpfl-client": "dpfl.client.cli:main",
+SCRIPTS = {"dpfl-server": "dpfl.shared.entry:server", "dpfl-client": "dpfl.shared.entry:client",
            "dpfl-sample": "dpfl.shared.edge.cli:main"}
 
 
@@ -171,3 +171,15 @@ def test_installed_console_scripts_answer_help():
                              timeout=120)
         assert res.returncode == 0, res.stderr
         assert f"usage: {name}" in res.stdout.lower()
+
+
+@pytest.mark.parametrize("name", ["server", "client"])
+def test_an_edge_install_says_what_its_server_and_client_commands_lack(name):
+    """Without click (an edge install), the entry point names what is missing, exit 2."""
+    code = ("import sys\nsys.modules['click'] = None\n"
+            f"from dpfl.shared.entry import {name}\n{name}()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert f"dpfl-{name}: this install lacks 'click'" in res.stderr
+    assert "Traceback" not in res.stderr
