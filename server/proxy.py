@@ -82,8 +82,10 @@ class FleetProxy:
     def render(self) -> str:
         """The whole nginx configuration (nothing is inherited from /etc/nginx)."""
         listen = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        # exact locations, and each forwards its own fixed path: the SuperLink never sees a
+        # request path other than these twelve, however the client spelled it
         routes = "\n".join(f"        location = {path} {{ limit_except POST {{ deny all; }} "
-                           f"proxy_pass https://superlink; }}" for path in FLEET_ROUTES)
+                            f"proxy_pass https://superlink{path}; }}" for path in FLEET_ROUTES)
         tmp = self.root / "tmp"
         temps = "\n".join(f"    {kind}_temp_path {tmp / kind};"
                           for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))

@@ -34,8 +34,9 @@ def test_nginx_accepts_the_configuration(tmp_path):
                        server_cert=layout.server_cert, server_key=layout.server_key)
     conf = proxy.write()
     text = conf.read_text()
-    for path in FLEET_ROUTES:
-        assert f"location = {path} {{ limit_except POST" in text
+    for path in FLEET_ROUTES:  # each exact route forwards exactly its own path
+        assert (f"location = {path} {{ limit_except POST {{ deny all; }} "
+                f"proxy_pass https://superlink{path}; }}") in text
     assert "location / { return 404; }" in text and "proxy_ssl_verify on;" in text
     test = subprocess.run([find_nginx(), "-t", "-c", str(conf), "-p", str(proxy.root)],
                           capture_output=True, text=True, timeout=60)
