@@ -174,7 +174,7 @@ class Deployment:
         sets = {"base-model": self.base, "run-dir": self.run_dir, "num-rounds": self.rounds,
                 "batch-size": 16, "noise-multiplicity": 1, "target-epsilon": 4.0,
                 "min-available-nodes": 2, "sample-every": 0, "sample-steps": 2, "lr": 5e-3,
-                "round-timeout": 60}
+                "round-timeout": 120}  # a slow machine: sites may take over a minute
         name = self._name("run")
         self.h.start(name, cli("server", "run", "--pki", str(self.pki), "--state-dir",
                                str(self.coord), "--timeout", str(DEADLINE),
