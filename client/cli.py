@@ -401,10 +401,30 @@ def join(superlink: str, ca_cert: str, node_key: str, runtime_port: int,
         node = SiteNode(site=SiteConfig(**site), superlink=superlink, ca_cert=Path(ca_cert),
                         node_key=Path(node_key), runtime_port=runtime_port,
                         max_wait_time=max_wait_time)
-        preflight(node)  # certificates, keys and state directory, before any process starts
+        # certificates, keys and state directory, before any process starts
+        created = preflight(node)
     except DpflError as exc:
         fail(exc)
-    raise SystemExit(run_node(node))
+    raise SystemExit(run_node(node, created))
+
+
+@main.command(context_settings=CTX)
+@click.option("--state-dir", required=True, type=click.Path(),
+              help="The site's state directory (node config 'state-dir', 'join --state-dir').")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status(state_dir: str, as_json: bool) -> None:
+    """This site's privacy spend: lifetime epsilon/delta, budget left, and every run and
+    round that spent it (reads the state directory's accountant.json and rounds.jsonl;
+    writes nothing)."""
+    from dpfl.client.status import read_status, render_text
+
+    try:
+        site = read_status(state_dir)
+        out = json.dumps(site.to_json(), indent=2, allow_nan=False) if as_json \
+            else render_text(site).rstrip("\n")
+    except DpflError as exc:
+        fail(exc)
+    click.echo(out)
 
 
 if __name__ == "__main__":

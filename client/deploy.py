@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,21 +102,54 @@ class SiteNode:
         return cmd
 
 
-def preflight(node: SiteNode, timeout: float = 5.0) -> None:
+REFUSED = "Failed to activate SuperNode"  # flwr 1.41's public message for a refused node
+
+
+def preflight(node: SiteNode, timeout: float = 5.0) -> bool:
     """Checks before the SuperNode starts: the state directory is usable, and, when the
     coordinator already answers, its certificate is signed by the CA, within its dates and
-    issued for the address dialled (:class:`ConfigError` / :class:`StateError` naming them)."""
+    issued for the address dialled (:class:`ConfigError` / :class:`StateError` naming them).
+    Returns whether the state directory was created here (a refused site removes it)."""
+    created = not Path(node.site.state_dir).expanduser().exists()
     ensure_dir(node.site.state_dir, f"state directory of site {node.site.site_id}")
     if not check_superlink(node.superlink, node.ca_cert, timeout):
         log.info("coordinator %s not reachable yet; the SuperNode will keep trying",
                  node.superlink)
+    return created
 
 
-def run_node(node: SiteNode) -> int:
-    """Run the SuperNode in the foreground until it exits; SIGTERM/SIGINT are passed on."""
+def run_node(node: SiteNode, created_state: bool = False) -> int:
+    """Run the SuperNode in the foreground until it exits; SIGTERM/SIGINT are passed on.
+
+    Its output is passed through; when the coordinator refused to activate the node, the
+    site is told so in its own words (not as a network fault), and a state directory this
+    run created holds nothing but the SuperNode's FLWR_HOME, it is removed again."""
     import signal
+    import sys
 
-    proc = subprocess.Popen(node.command(), env=flwr_env(node.flwr_home))
+    proc = subprocess.Popen(node.command(), env=flwr_env(node.flwr_home),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-    return proc.wait()
+    refused = False
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        refused = refused or REFUSED.encode() in raw
+    code = proc.wait()
+    if code != 0 and refused:
+        _refused(node, created_state)
+    return code
+
+
+def _refused(node: SiteNode, created_state: bool) -> None:
+    log.error("the coordinator at %s refused to activate this site's node: its key is not "
+              "registered there (send the public half of %s to the coordinator, who lists "
+              "it with 'dpfl-server serve'), or this node is still marked online after an "
+              "abrupt stop (retry after two heartbeat intervals)", node.superlink,
+              node.node_key)
+    state = Path(node.site.state_dir).expanduser()
+    if created_state and {p.name for p in state.iterdir()} <= {"flwr-home"}:
+        shutil.rmtree(state, ignore_errors=True)
+        log.info("removed the state directory %s this refused start created", state)

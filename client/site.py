@@ -17,6 +17,8 @@ import hashlib
 import json
 import logging
 import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import BudgetExhausted, DataError, IncompatibleAdapter, ModelError
 from dpfl.shared.federation.config import RoundPlan, SiteConfig
 from dpfl.shared.federation.protocol import SiteReport
-from dpfl.shared.io import atomic_write_bytes, ensure_dir
+from dpfl.shared.io import append_jsonl, atomic_write_bytes, ensure_dir
 from dpfl.shared.ldm.lora import spec_for_plan, travelling_keys
 from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant
@@ -75,14 +77,39 @@ def _cache_name(ldm: LatentDiffusion, label_map: dict[str, str] | None) -> str:
     return f"latents-{ldm.card['verified'].split(':')[-1][:16]}-{tag}.safetensors"
 
 
+#: the site's own record of every round it trained, one JSON line each (read by
+#: ``dpfl-client status``, :mod:`dpfl.client.status`, and by the coordinator's report only
+#: when a site hands its state directory over); it never leaves the site
+ROUNDS_LOG = "rounds.jsonl"
+
+
+@dataclass(frozen=True)
+class RoundTag:
+    """Which federated round a training call serves: Flower's run id and the server round,
+    as the coordinator's message names them (``None``: not known, e.g. a direct call)."""
+
+    run_id: int | None = None
+    server_round: int | None = None
+
+    def __str__(self) -> str:
+        run = "-" if self.run_id is None else self.run_id
+        rnd = "-" if self.server_round is None else self.server_round
+        return f"run {run}, round {rnd}"
+
+
 class Site:
-    """A site's persistent state lives in ``cfg.state_dir``; this object only caches it."""
+    """A site's persistent state lives in ``cfg.state_dir``; this object only caches it.
+
+    ``round_tag`` names the round being served (the ClientApp sets it from each training
+    message); it only labels the site's log lines and its :data:`ROUNDS_LOG` records.
+    """
 
     def __init__(self, cfg: SiteConfig):
         self.cfg = cfg
         self.state_dir = ensure_dir(cfg.state_dir, f"state directory of site {cfg.site_id}")
         self._ldm: LatentDiffusion | None = None
         self._silo: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.round_tag = RoundTag()
 
     def base_model(self, fingerprint: str) -> LatentDiffusion:
         """The local base model, refused unless its weights match the coordinator's."""
@@ -122,7 +149,8 @@ class Site:
         try:
             return self.silo(ldm)
         except DataError as exc:
-            log.error("site %s: %s", self.cfg.site_id, exc)
+            log.error("site %s: %s refused: its data cannot be used: %s", self.cfg.site_id,
+                      self.round_tag, exc)
             raise DataError(f"site {self.cfg.site_id}: its data cannot be used for training; "
                             "the reason is in the site's own log (not sent, it may name "
                             "single records)") from exc
@@ -161,13 +189,15 @@ class Site:
         check_proposal(global_adapter, ldm)
         z, y = self.local_silo(ldm)
         acc = self.accountant()
+        before = acc.epsilon()
         dp = self.dp_config(plan, len(z))
         init = {k: torch.from_numpy(np.array(v)) for k, v in global_adapter.items()}
         try:
             res = train_lora(ldm, z, y, spec_for_plan(plan), dp, acc, init_adapter=init,
                              progress=False)
         except BudgetExhausted as exc:
-            log.warning("site %s: %s", self.cfg.site_id, exc)
+            log.warning("site %s: %s refused, privacy budget exhausted: %s", self.cfg.site_id,
+                        self.round_tag, exc)
             last = acc.history[-1] if acc.history else (0.0, 0.0, 0)
             return None, self._metrics(acc, len(z), last[0], last[1], False, True)
         steps_per_round = res.steps
@@ -177,17 +207,27 @@ class Site:
         except BudgetExhausted:
             exhausted = True
         update = {k: res.adapter[k].numpy() for k in travelling_keys(res.adapter, plan.ffa)}
-        log.info("site %s: trained %d steps, epsilon %.3f of %g%s", self.cfg.site_id,
-                 res.steps, res.epsilon, acc.budget,
-                 " (budget exhausted after this round)" if exhausted else "")
-        self._log_local(res)
+        self._record_round(res, before, acc.budget, exhausted)
         return update, self._metrics(acc, res.examples, res.sigma, res.sample_rate, True,
                                      exhausted)
 
-    def _log_local(self, res) -> None:
-        """Keep the (non-private) training loss on the site's own disk."""
-        from dpfl.shared.io import append_jsonl
-
-        append_jsonl(self.state_dir / "rounds.jsonl",
-                     {"steps": res.steps, "epsilon": res.epsilon, "sigma": res.sigma,
-                      "sample_rate": res.sample_rate, "mean_loss": res.mean_loss})
+    def _record_round(self, res, before: float, budget: float, exhausted: bool) -> None:
+        """The round's one INFO line for the site's operator, and its line in
+        :data:`ROUNDS_LOG` (with the non-private training loss, which stays on this disk).
+        ``epsilon`` is the lifetime ε after the round; ``epsilon_round`` what the round added
+        to it (ε does not add up across rounds: it is the increase, not a separate ε)."""
+        tag, secure = self.round_tag, self.cfg.secure_mode
+        log.info("site %s: %s: trained %d steps, epsilon +%.4f this round; lifetime epsilon "
+                 "%.4f of budget %g (delta %g), %.4f left; secure noise %s%s",
+                 self.cfg.site_id, tag, res.steps, res.epsilon - before, res.epsilon, budget,
+                 res.delta, max(budget - res.epsilon, 0.0),
+                 "on (OS CSPRNG)" if secure else "OFF (torch PRNG, not for deployment)",
+                 "; budget exhausted: one more such round would exceed it" if exhausted
+                 else "")
+        append_jsonl(self.state_dir / ROUNDS_LOG, {
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "site": self.cfg.site_id, "run": tag.run_id, "round": tag.server_round,
+            "steps": res.steps, "epsilon": res.epsilon, "epsilon_round": res.epsilon - before,
+            "delta": res.delta, "budget": budget, "sigma": res.sigma,
+            "sample_rate": res.sample_rate, "mean_loss": res.mean_loss,
+            "secure_noise": secure, "exhausted": exhausted})

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv with dpfl and its pinned dependencies, and make Fashion-MNIST and nginx (the
-# coordinator's Fleet proxy, used by the deployment tests) available.
+# Create .venv with dpfl and its pinned dependencies, and make Fashion-MNIST, nginx (the
+# coordinator's Fleet proxy, used by the deployment tests) and chromium (the live report's
+# browser test) available.
 # Idempotent: a second run with unchanged pins does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +34,13 @@ if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
   else
     echo "[setup] nginx missing: run 'sudo apt-get install nginx-light' (dpfl-server serve and its tests need it)" >&2
+  fi
+fi
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian's chromium (browser test of the live report) ..."
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[setup] chromium missing: run 'sudo apt-get install chromium' (tests/test_report_browser.py is skipped without it)" >&2
   fi
 fi

@@ -161,9 +161,13 @@ class Coordinator:
 
 
 def start_superlink(coord: Coordinator) -> subprocess.Popen:
-    """Start the SuperLink in its own process group, logging to STATE_DIR/superlink.log."""
+    """Start the SuperLink in its own process group, logging to STATE_DIR/superlink.log.
+    What a predecessor killed outright left running (its SuperExec and ServerApps, which
+    would reconnect to this SuperLink) is stopped first."""
     coord.check_files()
     ensure_dir(coord.state_dir, "coordinator state directory")
+    if stop_processes_of(coord.flwr_home):
+        log.warning("stopped processes a previous coordinator left running")
     coord.write_connection()
     logf = open(coord.state_dir / "superlink.log", "ab")  # noqa: SIM115 (child owns it)
     log.info("starting SuperLink on %s (loopback; TLS, node authentication)",

@@ -23,7 +23,7 @@ from dpfl.server.policy import CoordinatorPolicy
 from dpfl.shared.deploy.flwrproc import DeployError
 from dpfl.shared.errors import ConfigError
 
-STOPPED = f"{FINISHED}:stopped"
+STOPPED, FAILED = f"{FINISHED}:stopped", f"{FINISHED}:failed"
 
 
 def describe_round(rec: dict[str, Any]) -> str:
@@ -90,10 +90,10 @@ def follow(coord: Coordinator, run_id: int, run_dir: Path, timeout: float,
         if unreachable:
             echo("coordinator reachable again; re-attached")
             unreachable = False
-        if status == STOPPED and restarted_since(coord.state_dir, submitted):
+        if status in (STOPPED, FAILED) and restarted_since(coord.state_dir, submitted):
             old, run_id, submitted = run_id, resubmit(), time.time()
-            echo(f"run {old} was stopped by a coordinator restart; resubmitted as run "
-                 f"{run_id}, which resumes from {run_dir}")
+            echo(f"run {old} ended {status} across a coordinator restart; resubmitted as "
+                 f"run {run_id}, which resumes from {run_dir}")
             continue
         if status.startswith(FINISHED):
             progress.show_new()

@@ -285,17 +285,25 @@ def _run_federation(grid: Grid, cfg: FedConfig,
     round_ = make_round(grid, fed, node_site, strategy, cdp)
     if done == 0:
         fed.sample_grid(adapter, "samples_round_000.png", "base model (round 0)")
-    for rnd in range(done + 1, cfg.num_rounds + 1):
-        msgs = sample(strategy, grid, fed, rnd, adapter, cdp)
-        if not msgs:
-            break
-        outcome = round_.run(rnd, adapter, msgs)
-        adapter = outcome.adapter
-        fed.checkpoint.save(rnd, adapter, fed.plan.base_fingerprint)
-        log_round(fed.run, rnd, outcome)
-        if cfg.sample_every and rnd % cfg.sample_every == 0:
-            fed.sample_grid(adapter, f"samples_round_{rnd:03d}.png", f"global model after "
-                            f"round {rnd}, eps={outcome.entry['global_epsilon']:.2f}")
+    try_write_report(fed.run.path, live=True)  # waiting for sites; a failure is only logged
+    try:
+        for rnd in range(done + 1, cfg.num_rounds + 1):
+            msgs = sample(strategy, grid, fed, rnd, adapter, cdp)
+            if not msgs:
+                break
+            fed.ledger.begin_round(rnd, [node_site.get(n, f"node {n}") for n in
+                                         (m.metadata.dst_node_id for m in msgs)])
+            try_write_report(fed.run.path, live=True)  # last round's results, this one sent
+            outcome = round_.run(rnd, adapter, msgs)
+            adapter = outcome.adapter
+            fed.checkpoint.save(rnd, adapter, fed.plan.base_fingerprint)
+            log_round(fed.run, rnd, outcome)
+            if cfg.sample_every and rnd % cfg.sample_every == 0:
+                fed.sample_grid(adapter, f"samples_round_{rnd:03d}.png", f"global model after "
+                                f"round {rnd}, eps={outcome.entry['global_epsilon']:.2f}")
+    except BaseException:
+        try_write_report(fed.run.path)  # not live: the report says the run did not finish
+        raise
     write_final_adapter(fed, adapter)
     log.info("privacy ledger:\n%s", fed.ledger.table())
     try_write_report(fed.run.path)  # logs a failure, never raises

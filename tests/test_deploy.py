@@ -63,13 +63,36 @@ def _stranger_home(tmp, port, ca) -> Path:
     return home
 
 
+TRICKS = ("/v1/fleet/get-run/../../control/list-runs", "/v1/fleet/../control/list-runs",
+          "/v1//control/list-runs", "/v1/fleet/get-run%2F..%2F..%2Fcontrol%2Flist-runs",
+          "/v1/fleet/%2e%2e/control/list-runs", "/v1/control/list-runs?/v1/fleet/get-run",
+          "/v1/runtime/get-run", "/openapi.json", "/docs", "/health")
+
+
+def _raw_requests(port, ca) -> dict:
+    """Hand-made requests that try to reach past the route list: (status, body) by path;
+    also a GET of a Fleet route (only POST is forwarded)."""
+    import http.client
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    out = {}
+    for method, path in [("POST", p) for p in TRICKS] + [("GET", "/v1/fleet/get-run")]:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        conn.request(method, path, body=b"" if method == "POST" else None)
+        resp = conn.getresponse()
+        out[f"{method} {path}"] = (resp.status, resp.read().decode(errors="replace"))
+        conn.close()
+    return out
+
+
 def _attacks(tmp, port, pki, rogue_pki) -> dict:
     """The Control API's commands against the public address, with only the CA."""
     from dpfl.server.deploy import app_dir
 
     home = _stranger_home(tmp, port, pki / "ca.crt")
     app = app_dir(None, tmp / "stranger-app")
-    return {"ls": _flwr_json(home, "ls", "c"),
+    return {"raw": _raw_requests(port, pki / "ca.crt"),
+            "ls": _flwr_json(home, "ls", "c"),
             "supernode ls": _flwr_json(home, "supernode", "ls", "c"),
             "register": _flwr_json(home, "supernode", "register",
                                    str(rogue_pki / "sites" / "rogue" / "node.pub"), "c"),
@@ -164,6 +187,7 @@ def deployment(tmp_path_factory):
                 "900", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]),
             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1000)
         res["rogue_rc"] = h.procs["rogue"].poll()
+        res["status_after"] = _status(tmp, coord)
         res["bad"] = _bad_runs(tmp, coord)
         res["stop"], res["stopped_run"] = _stop_a_run(tmp, coord, sets)
     finally:
@@ -189,6 +213,12 @@ def test_listed_sites_train_two_rounds_over_tls(deployment):
         assert led["sites"][site]["epsilon"] <= 4.0 + 1e-6
     assert r2["global_epsilon"] == max(v["epsilon"] for v in r2["sites"].values())
     assert (tmp / "run" / "adapter" / "adapter_model.safetensors").exists()
+    for site in SITES:  # the site's operator sees each round in join's output
+        out = deployment["h"].output(site)
+        for rnd in (1, 2):
+            assert f"site {site}: run " in out and f"round {rnd}: trained " in out, out[-2000:]
+        assert "secure noise on (OS CSPRNG)" in out
+        assert "Secure RNG turned off" not in out  # Opacus' warning, untrue here
 
 
 def test_unlisted_site_is_refused(deployment):
@@ -197,7 +227,9 @@ def test_unlisted_site_is_refused(deployment):
     assert "Failed to activate SuperNode" in h.output("rogue")
     assert "No SuperNode found with the given public key" in \
         (tmp / "coord" / "superlink.log").read_text()
-    assert not (tmp / "state-rogue" / "accountant.json").exists()  # never trained
+    assert "refused to activate this site's node: its key is not registered there" in \
+        h.output("rogue")  # said as what it is, not as a network fault
+    assert not (tmp / "state-rogue").exists()  # never trained; the directory it made is gone
 
 
 def test_every_process_is_stopped(deployment):
@@ -213,6 +245,13 @@ def test_the_public_address_serves_no_control_api(deployment, attack):
     assert "404" in answer["error-message"], answer  # nginx: no such route here
 
 
+def test_no_spelling_of_a_path_reaches_past_the_fleet_routes(deployment):
+    for request, (status, body) in deployment["attacks"]["raw"].items():
+        # nginx's own refusal (403/404 page), never an answer of the SuperLink (JSON)
+        assert status in (403, 404), (request, status, body)
+        assert "nginx" in body and "detail" not in body, (request, body)
+
+
 def test_a_stranger_could_not_register_and_cannot_join(deployment):
     assert {s["site"] for s in deployment["status_before"]["sites"]} == set(SITES)
     assert not (deployment["tmp"] / "stranger-run").exists()
@@ -224,6 +263,12 @@ def test_the_coordinator_runs_status_and_stops_over_loopback(deployment):
     assert status["api-address"].startswith("127.0.0.1:")
     assert status["fleet-address"] != status["api-address"]
     assert {s["site"]: s["max-examples"] for s in status["sites"]}["site-2"] == 10
+    after = deployment["status_after"]
+    assert {s["site"]: s["status"] for s in after["sites"]} == dict.fromkeys(SITES, "online")
+    assert all(s["online-at"] for s in after["sites"])
+    led = json.loads((deployment["tmp"] / "run" / "ledger.json").read_text())
+    (row,) = [r for r in after["ledgers"] if r["run-dir"] == str(deployment["tmp"] / "run")]
+    assert row["rounds"] == 2 and row["global-epsilon"] == led["rounds"][-1]["global_epsilon"]
     assert deployment["stop"].returncode == 0, deployment["stop"].stderr
     assert deployment["stopped_run"]["status"] == "finished:stopped"
 
@@ -252,3 +297,8 @@ def test_a_weight_above_the_enrolled_bound_is_rejected_and_logged(deployment):
         assert "num-examples 48 exceeds the 10 examples" in rnd["rejected"]["site-2"]
         assert line["accepted"] == 2  # the average is the other two's
         assert "site-2" in rnd["sites"]  # its spend is on record all the same
+    shown = [ln for ln in deployment["run"].stdout.splitlines() if ln.startswith("round ")]
+    assert len(shown) == 2  # dpfl-server run printed each round as it was recorded
+    assert all("rejected site-2 (num-examples 48 exceeds the 10" in ln for ln in shown), shown
+    server_log = (run / "server.log").read_text()  # the ServerApp's own log, in the run dir
+    assert "update from site-2 rejected: num-examples 48 exceeds the 10" in server_log

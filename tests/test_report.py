@@ -298,3 +298,184 @@ def test_real_central_training_writes_report(tmp_path):
     assert f"(ε = {PersistentAccountant.load(run / 'accountant.json').epsilon():.3f}" in md
     assert "The adapter carries this guarantee (adapter/privacy.json)." in md
     assert "| dp.noise_multiplicity |" in md
+
+
+# -- the live report: run state, this run vs lifetime, unrecorded rounds -----------------
+def test_a_round_sent_but_never_recorded_makes_its_rerun_a_rerun(tmp_path):
+    """The ledger puts a round on record before it is sent; a restarted coordinator that
+    sends it again marks the attempt that reaches the ledger as a re-run."""
+    path = tmp_path / "ledger.json"
+    led = PrivacyLedger.load_or_create(path)
+    led.begin_round(1, ["a", "b"])
+    assert not led.record_round(1, [rep("a", 1.0), rep("b", 1.0)])["rerun"]
+    led.begin_round(2, ["a", "b"])  # sent; the coordinator is stopped before any reply
+    on_disk = json.loads(path.read_text())
+    assert on_disk["open_round"]["round"] == 2 and on_disk["open_round"]["sites"] == ["a", "b"]
+    again = PrivacyLedger.load_or_create(path)  # the restarted coordinator
+    again.begin_round(2, ["a", "b"])
+    assert [i["round"] for i in again.interrupted] == [2]
+    entry = again.record_round(2, [rep("a", 2.5), rep("b", 2.5)])
+    assert entry["rerun"] and again.open_round is None
+    assert not again.record_round(3, [rep("a", 3.0)])["rerun"]
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("open_round", "interrupted")}  # a ledger older dpfl wrote
+    atomic_write_json(path, old)
+    assert PrivacyLedger.load_or_create(path).interrupted == []
+
+
+def _html(run):
+    return (run / "report" / "report.html").read_text()
+
+
+def test_live_report_reloads_until_the_run_has_finished(tmp_path):
+    run, _ = federated_run(tmp_path, finished=False)
+    PrivacyLedger.load_or_create(run / "ledger.json").begin_round(4, ["site-0", "site-2"])
+    write_report(run, live=True)  # the coordinator, as round 4 starts
+    html = _html(run)
+    assert '<meta http-equiv="refresh" content="15">' in html
+    assert "(live: 3 of 3 rounds recorded)</title>" in html
+    md = (run / "report" / "report.md").read_text()
+    assert "In progress: 3 of 3 round(s) recorded, global ε 6.000 (δ 1.0e-05); round 4 was " \
+           "sent to site-0, site-2 at " in md
+    assert "- Round 4: sent to site-0, site-2 at " in md and "replies awaited" in md
+    write_report(run)  # anyone else, e.g. after `flwr stop`
+    assert "http-equiv" not in _html(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "Not finished: 3 of 3 round(s) recorded" in md and "stopped, crashed or" in md
+    assert "Sites may have spent more ε than their last report" in md
+    done, _ = federated_run(tmp_path / "done")  # adapter/privacy.json covers round 3
+    write_report(done, live=True)
+    assert "http-equiv" not in _html(done) and "Finished: 3 of 3 round(s) recorded" in \
+        (done / "report" / "report.md").read_text()
+
+
+def test_stopped_before_any_reply_says_sites_may_have_spent(tmp_path):
+    run = RunDir(tmp_path / "fed")
+    run.write_config({"num_rounds": 3})
+    PrivacyLedger.load_or_create(run / "ledger.json").begin_round(1, ["site-a", "site-b"])
+    write_report(run.path)
+    md = (run / "report" / "report.md").read_text()
+    assert "no site has reported spending anything" not in md
+    assert "No round's replies have reached the privacy ledger yet" in md
+    assert "- Round 1: sent to site-a, site-b at " in md and "stopped, crashed" in md
+    assert "Sites may have spent more ε than their last report" in md
+
+
+def test_this_run_and_lifetime_epsilon_per_site(tmp_path):
+    """Hand-computed: q = 0.1 and one local epoch make one round 10 steps."""
+    def r(site, eps, steps, trained=True):
+        return SiteReport(site=site, epsilon=eps, delta=1e-5, budget=10.0, sigma=1.1,
+                          sample_rate=0.1, steps=steps, examples=100, trained=trained)
+
+    run = RunDir(tmp_path / "fed")
+    run.write_config({"num_rounds": 2, "local_epochs": 1})
+    led = PrivacyLedger.load_or_create(run / "ledger.json")
+    led.record_round(1, [r("fresh", 1.0, 10), r("veteran", 4.85, 40),
+                         r("idle", 3.0, 30, trained=False), r("logged", 4.0, 40)])
+    led.record_round(2, [r("fresh", 2.0, 20), r("veteran", 5.64, 50), r("idle", 3.5, 40),
+                         r("logged", 4.6, 50)])
+    state = tmp_path / "logged-state"
+    append_jsonl(state / "rounds.jsonl", {"epsilon": 4.0, "epsilon_round": 0.7, "steps": 10})
+    write_report(run.path, {"logged": state})
+    md = (run / "report" / "report.md").read_text()
+    assert "| fresh | 2 | 2 | 2 | 10 | 2 | new to training: its first report (round 1) " \
+           "counts one round's 10 steps" in md
+    assert "| idle | 0.5 | 3.5 | 3.5 | 10 | 2 | its first report (round 1) trained nothing" in md
+    assert "| logged | 1.3 | 4.6 | 4.6 | 10 | 2 | the site's own round log: lifetime ε 3.3 " \
+           "before round 1 |" in md
+    # not derivable: the whole lifetime counts (never less than recorded), and what is known
+    assert "| veteran | ≤ 5.64 | 5.64 | 5.64 | 10 | 2 | not known: its first report (round 1) " \
+           "counts 40 steps, not one round's 10: ε spent before this run is not on this " \
+           "ledger, so the whole lifetime ε is counted (at least 0.79 was spent after round " \
+           "1) |" in md
+    # a round this run sent that is not on the ledger may hold the site's spend: only the
+    # one-round rule still proves a start
+    led.begin_round(1, ["idle", "logged"])  # (the ledger only checks its own order)
+    led.interrupted, led.open_round = [led.open_round], None
+    led.save()
+    write_report(run.path, {"logged": state})
+    md = (run / "report" / "report.md").read_text()
+    assert "| fresh | 2 | 2 |" in md and "| idle | ≤ 3.5 |" in md and "| logged | ≤ 4.6 |" in md
+    assert "or in an attempt at a round this run sent that is not on the ledger" in md
+    assert "Lifetime ε is what the site's own persistent accountant reported last" in md
+
+
+def test_unanswered_sites_are_named_as_possibly_spent(tmp_path):
+    run, _ = federated_run(tmp_path)
+    led = PrivacyLedger.load_or_create(run / "ledger.json")
+    led.record_round(4, [rep("site-0", 4.0)], {"<2 unanswered>": "no reply within 60s"})
+    write_report(run)
+    md = (run / "report" / "report.md").read_text()
+    assert "- Round 4: 2 unanswered (no reply within 60s): those sites may have trained." in md
+
+
+class CoordinatorStopped(Exception):
+    """What `flwr stop` does to a ServerApp mid-round, as far as the round loop can tell."""
+
+
+def test_real_round_loop_renders_live_and_marks_a_rerun_after_a_stop(tmp_path, task_identity,
+                                                                      monkeypatch):
+    """The coordinator's real loop against real sites: stopped after the sites trained round 1
+    but before their replies reached it, then restarted; the report is rendered live as each
+    round starts, states the stop, and marks round 1's re-run."""
+    import dpfl.server.rounds as rounds
+    from dpfl.server.rounds import run_federation
+    from dpfl.shared.federation.config import FedConfig
+    from dpfl.shared.ldm.models import build_ldm, save_ldm
+
+    from .test_stragglers import StragglerGrid, _sites
+
+    class StoppedGrid(StragglerGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            out = super().send_and_receive(messages, timeout=timeout)  # the sites train
+            raise CoordinatorStopped(f"{len(out)} replies lost")
+            return out
+
+    renders = []
+    real = rounds.try_write_report
+
+    live_pages = []
+
+    def spy(path, *args, live=False):
+        renders.append(live)
+        out = real(path, *args, live=live)
+        if live:
+            live_pages.append(out.read_text())
+        return out
+
+    monkeypatch.setattr(rounds, "try_write_report", spy)
+    base = save_ldm(build_ldm("tiny", seed=0), tmp_path / "base")
+    sites = {n: s for n, s in _sites(tmp_path, base).items() if n != 13}
+    cfg = FedConfig(base_model=str(base), run_dir=str(tmp_path / "run"), num_rounds=1,
+                    batch_size=16, noise_multiplicity=1, target_epsilon=4.0, lr=5e-3,
+                    min_available_nodes=2, min_train_nodes=2, sample_every=0, sample_steps=2)
+    run = tmp_path / "run"
+    with pytest.raises(CoordinatorStopped):
+        run_federation(StoppedGrid(sites), cfg)
+    assert renders == [True, True, False]  # waiting for sites, round 1 sent, the stop
+    assert all('http-equiv="refresh"' in p for p in live_pages)
+    assert "In progress: 0 of 1 round(s) recorded; round 1 was sent to node 11, node 12" in \
+        live_pages[-1] and "A round ends within its timeout (3600 s)" in live_pages[-1]
+    md = (run / "report" / "report.md").read_text()
+    # no reply has named its site yet: the nodes are named by id
+    assert "Not finished: 0 of 1 round(s) recorded; round 1 was sent to node 11, node 12" in md
+    assert "no site has reported spending anything" not in md
+    assert "Sites may have spent more ε than their last report" in md
+    assert "http-equiv" not in _html(run)
+    renders.clear()
+    run_federation(StragglerGrid(sites), cfg)  # restarted: round 1 again
+    assert renders == [True, True, False]  # waiting for sites, round 1 sent, finished
+    led = json.loads((run / "ledger.json").read_text())
+    assert [(e["round"], e["rerun"]) for e in led["rounds"]] == [(1, True)]
+    assert [i["round"] for i in led["interrupted"]] == [1] and led["open_round"] is None
+    md = (run / "report" / "report.md").read_text()
+    assert "Finished: 1 of 1 round(s) recorded" in md and "http-equiv" not in _html(run)
+    assert "- Round 1 was run more than once" in md and "- Round 1: sent to node 11" in md
+    for site in sites.values():  # round 1 trained twice: the lifetime ε shows it
+        acc = PersistentAccountant.load(site.state_dir / "accountant.json")
+        name, eps = site.cfg.site_id, acc.epsilon()
+        log = [json.loads(line) for line in (site.state_dir / "rounds.jsonl").open()]
+        assert acc.steps == led["rounds"][0]["sites"][name]["steps"] == 2 * log[0]["steps"]
+        assert led["sites"][name]["epsilon"] == pytest.approx(eps)
+        # two rounds' steps at its first report: not provably new, so all of it counts
+        assert f"| {name} | ≤ {eps:.4g} | {eps:.4g} | {eps:.4g} |" in md

@@ -54,3 +54,13 @@ def test_every_report_states_what_the_guarantee_covers_and_does_not(tmp_path):
     for line in (*COVERS, *DOES_NOT_COVER):
         assert f"- {line}" in md
     assert "silo size" in " ".join(DOES_NOT_COVER)
+
+
+def test_a_live_document_reloads_itself_and_a_plain_one_does_not(tmp_path):
+    from dpfl.shared.report.render import Doc, write_doc
+
+    live = Doc("t", refresh_s=15)
+    live.p("x")
+    html = write_doc(live, tmp_path / "live").read_text()
+    assert '<head><meta charset="utf-8"><meta http-equiv="refresh" content="15">' in html
+    assert "refresh" not in write_doc(Doc("t"), tmp_path / "plain").read_text()

@@ -69,6 +69,7 @@ def stop_processes_of(flwr_home: Path, grace: float = 5.0) -> int:
     """SIGTERM every process of ``flwr_home`` (:func:`processes_of`), SIGKILL what is left
     after ``grace`` seconds; returns how many there were."""
     pids = processes_of(flwr_home)
+    found = len(pids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -81,4 +82,4 @@ def stop_processes_of(flwr_home: Path, grace: float = 5.0) -> int:
         pids = processes_of(flwr_home)
         if not pids:
             break
-    return len(pids)
+    return found

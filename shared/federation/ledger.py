@@ -15,10 +15,18 @@ the site's spend becomes the earlier history's plus the new one's, epsilon and d
 summed (basic composition, a valid upper bound for two histories on the same records; the
 maximum of the two would not be). A site whose composed epsilon reaches its budget is treated
 as exhausted and never sampled again.
+
+A round is also put on record, durably, *before* its instructions are sent
+(:meth:`PrivacyLedger.begin_round`: ``open_round``, the round and the sites it goes to). A
+round whose replies never reach the ledger (the coordinator was stopped, crashed or restarted
+mid-round) stays there; the next round begun moves it to ``interrupted``, and a later attempt
+at the same round is marked ``rerun``: the sites may have trained it, and spent epsilon for
+it, more than once, though only the attempt that reached the ledger carries their report.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import logging
 from dataclasses import asdict
@@ -41,6 +49,8 @@ class PrivacyLedger:
         self.sites: dict[str, dict[str, Any]] = {}
         self.flags: list[str] = []
         self.client_level: dict[str, Any] | None = None  # DP-FedAvg spend, when enabled
+        self.open_round: dict[str, Any] | None = None  # sent, no replies recorded yet
+        self.interrupted: list[dict[str, Any]] = []  # sent, never recorded (stop, restart)
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> PrivacyLedger:
@@ -51,11 +61,30 @@ class PrivacyLedger:
             ledger.rounds, ledger.sites = data["rounds"], data["sites"]
             ledger.flags = data.get("flags", [])
             ledger.client_level = data.get("client_level")
+            ledger.open_round = data.get("open_round")  # absent in older ledgers
+            ledger.interrupted = data.get("interrupted", [])
         return ledger
 
     @property
     def last_round(self) -> int:
         return self.rounds[-1]["round"] if self.rounds else 0
+
+    def begin_round(self, server_round: int, sites: list[str]) -> None:
+        """Put round ``server_round`` on record as sent to ``sites`` (names, or ``node N``
+        while a node's site is not yet known), durably, before its instructions go out. A
+        round still open from an earlier attempt (its replies never reached the ledger) is
+        moved to ``interrupted`` first."""
+        if self.open_round is not None:
+            lost = {**self.open_round, "reason": "no reply reached the ledger (the coordinator "
+                    "was stopped, crashed or restarted mid-round)"}
+            log.warning("round %s was sent to %s at %s but no reply reached the ledger; the "
+                        "sites may have spent epsilon for it", lost["round"],
+                        ", ".join(lost.get("sites", [])) or "no site", lost.get("sent"))
+            self.interrupted.append(lost)
+        self.open_round = {"round": server_round, "sites": sorted(sites),
+                           "sent": _dt.datetime.now(_dt.timezone.utc).isoformat(
+                               timespec="seconds")}
+        self.save()
 
     def record_round(self, server_round: int, reports: list[SiteReport],
                      rejected: dict[str, str] | None = None,
@@ -69,8 +98,10 @@ class PrivacyLedger:
             raise StateError(f"round {server_round} is older than the ledger's last round "
                              f"{self.last_round}; the ledger is never rewound")
         # The same round again: the coordinator crashed after recording it but before
-        # releasing its aggregate. The spend happened; both attempts stay on record.
-        rerun = server_round == self.last_round
+        # releasing its aggregate (the spend happened; both attempts stay on record), or an
+        # earlier attempt was sent but never recorded (stopped or restarted mid-round).
+        rerun = server_round == self.last_round or any(
+            int(i["round"]) == server_round for i in self.interrupted)
         for rep in reports:
             self.sites[rep.site], flag = _site_record(self.sites.get(rep.site), rep,
                                                       server_round)
@@ -89,6 +120,7 @@ class PrivacyLedger:
             self.client_level = dict(client_level)
             entry["client_level"] = dict(client_level)
         self.rounds.append(entry)
+        self.open_round = None
         self.save()
         return entry
 
@@ -108,6 +140,8 @@ class PrivacyLedger:
     def save(self) -> None:
         atomic_write_json(self.path, {"rounds": self.rounds, "sites": self.sites,
                                       "flags": self.flags, "client_level": self.client_level,
+                                      "open_round": self.open_round,
+                                      "interrupted": self.interrupted,
                                       "global": dict(zip(("epsilon", "delta"),
                                                          self.global_guarantee()))})
 
@@ -199,3 +233,5 @@ def _check_schema(data: Any) -> None:
         float(rep["epsilon"]), float(rep["delta"]), float(rep["budget"])
     if data.get("client_level") is not None:
         float(data["client_level"]["epsilon"]), float(data["client_level"]["delta"])
+    for entry in [data.get("open_round") or {"round": 0}, *data.get("interrupted", [])]:
+        int(entry["round"])

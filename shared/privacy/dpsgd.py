@@ -35,11 +35,13 @@ not for sharing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +73,10 @@ log = logging.getLogger(__name__)
 #: (dpfl.shared.privacy.audit) registers one, to read the noisy update of its canaries.
 OPTIMIZER_HOOKS: list[Callable[[DPOptimizer], None]] = []
 _EPS_TOLERANCE = 0.01  # calibration stops this close below the target ε (Opacus' default)
+#: start of the warning ``PrivacyEngine(secure_mode=False)`` gives; not shown (only around the
+#: engine's creation) when dpfl's own OS-CSPRNG noise replaces Opacus' secure mode, where it
+#: would tell a site operator to turn on what is already on
+OPACUS_INSECURE_RNG = "Secure RNG turned off"
 
 
 @dataclass(frozen=True)
@@ -341,7 +347,9 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     # Opacus' own secure mode needs torchcsprng (no release for current torch); the secure
     # noise source and Poisson sampler are swapped in below instead
     # (dpfl.shared.privacy.securenoise, dpfl.shared.privacy.poisson.secure_loader).
-    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
+    # Opacus warns that *its* secure RNG is off; in secure mode dpfl's own noise is secure
+    with _without_opacus_rng_warning() if dp.secure_mode else contextlib.nullcontext():
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=False)
     if dp.secure_mode:
         noise_gen = None
     else:
@@ -363,6 +371,26 @@ def make_private(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for hook in OPTIMIZER_HOOKS:
         hook(opt)
     return engine, gsm, opt, dl
+
+
+@contextlib.contextmanager
+def _without_opacus_rng_warning() -> Iterator[None]:
+    """Opacus' "Secure RNG turned off" warning is not shown inside this block; every other
+    warning is. Done at ``warnings.showwarning`` (the documented hook), not with a warnings
+    filter: changing the filters resets Python's once-per-place memory of every module, and
+    other warnings would then repeat each round."""
+    show = warnings.showwarning
+
+    def unless_opacus_rng(message, category, filename, lineno, file=None, line=None):
+        if not (issubclass(category, UserWarning) and "opacus" in str(filename)
+                and str(message).startswith(OPACUS_INSECURE_RNG)):
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = unless_opacus_rng
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def _check_loader(dl: DataLoader, q: float, per_epoch: int) -> None:

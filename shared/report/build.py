@@ -8,7 +8,9 @@ every ``privacy.json`` through its one reader,
 :meth:`~dpfl.shared.privacy.guarantee.PrivacyGuarantee.from_file`) and writes
 ``RUN_DIR/report/``: ``report.md`` with its PNGs beside it and ``report.html`` with every
 image embedded (one file to mail). Nothing is taken from a live process, so a report can
-be re-rendered any time, also for a crashed or resumed run.
+be re-rendered any time, also for a crashed or resumed run; a federation's coordinator
+re-renders it as each round starts (``live``), and the page reloads itself until the run has
+finished.
 
 A file the report needs that is corrupt raises :class:`~dpfl.shared.errors.StateError`
 naming it; a missing optional file is stated in the report. Callers at the end of a run
@@ -57,9 +59,11 @@ def _load_config(run_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None = None
-                 ) -> Doc:
-    """The report of ``run_dir`` as a document (its plots carry the series they draw)."""
+def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None = None,
+                 live: bool = False) -> Doc:
+    """The report of ``run_dir`` as a document (its plots carry the series they draw).
+    ``live``: rendered by a federation's coordinator between rounds (see
+    :mod:`dpfl.shared.report.live`)."""
     from dpfl.shared.report.fed import federated_sections
 
     run_dir = Path(run_dir)
@@ -82,7 +86,7 @@ def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None
     doc.p(f"Run directory {run_dir.resolve()}; started {cfg.get('started', 'unknown')}; "
           f"report rendered {now} from the files on disk.")
     if kind == "federated":
-        federated_sections(doc, run_dir, site_dirs)
+        federated_sections(doc, run_dir, site_dirs, cfg, live)
     elif kind == "central":
         central_sections(doc, run_dir, cfg, read_records(run_dir / "metrics.jsonl", "metrics"))
     else:
@@ -94,25 +98,28 @@ def build_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None
     return doc
 
 
-def write_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None = None
-                 ) -> Path:
+def write_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None = None,
+                 live: bool = False) -> Path:
     """Render ``RUN_DIR/report/report.md`` and ``report.html``; returns the HTML's path.
 
     ``site_dirs`` (site name -> site state directory) adds the sites' local training losses
     to a federated report; only an operator who holds those directories can pass them.
+    ``live``: the federation's coordinator renders it between rounds; until the run has
+    finished, the HTML page then reloads itself (the run's state is read from disk).
     """
-    doc = build_report(run_dir, site_dirs)
+    doc = build_report(run_dir, site_dirs, live)
     path = write_doc(doc, Path(run_dir) / REPORT_DIR)
     log.info("report written: %s", path)
     return path
 
 
-def try_write_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None = None
-                     ) -> Path | None:
-    """:func:`write_report` for the end of a run: a failure is logged as a warning and
-    returns None, so a report can never cost a run its results (all already on disk)."""
+def try_write_report(run_dir: str | Path, site_dirs: Mapping[str, str | Path] | None = None,
+                     live: bool = False) -> Path | None:
+    """:func:`write_report` for the end of a run, or between a federation's rounds
+    (``live``): a failure is logged as a warning and returns None, so a report can never
+    cost a run its results (all already on disk)."""
     try:
-        return write_report(run_dir, site_dirs)
+        return write_report(run_dir, site_dirs, live)
     except Exception as exc:  # noqa: BLE001 - any failure; the run's files are untouched
         log.warning("could not write the report of %s (%s: %s); re-render it with "
                     "`dpfl-server report %s`", run_dir, type(exc).__name__, exc, run_dir)

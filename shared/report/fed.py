@@ -4,7 +4,10 @@ Read from disk only: ``ledger.json`` (the coordinator's privacy ledger, the auth
 ``metrics.jsonl`` (one line per released round: accepted/rejected counts),
 ``samples_round_NNN.png`` and ``adapter/privacy.json``. Training losses are not released to
 the coordinator; they are drawn only from site state directories (``rounds.jsonl``) passed
-in explicitly by an operator who holds them (the simulation does).
+in explicitly by an operator who holds them (the simulation does). The run's state, each
+site's ε this run beside its lifetime ε, and the rounds whose spend may not be on record come
+from :mod:`dpfl.shared.report.live`; the coordinator re-renders the report as each round
+starts, and while the run goes on the page reloads itself.
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ from typing import Any
 from dpfl.shared.errors import ConfigError, StateError
 from dpfl.shared.federation.ledger import read_ledger
 from dpfl.shared.privacy.guarantee import COVERS, DOES_NOT_COVER, PrivacyGuarantee
+from dpfl.shared.report.live import (
+    MAY_HAVE_SPENT_MORE,
+    SPEND_HEADERS,
+    THIS_RUN_VS_LIFETIME,
+    run_state,
+    site_spend,
+    spend_rows,
+    unrecorded,
+)
 from dpfl.shared.report.render import Doc, Plot, Series, read_records
 
 PARALLEL = ("Every record lives at exactly one site, so by parallel composition the global "
@@ -71,11 +83,42 @@ def epsilon_series(ledger: dict[str, Any]) -> list[Series]:
     return series
 
 
-def _guarantee(doc: Doc, run_dir: Path, ledger: dict[str, Any] | None) -> None:
+def _no_rounds(doc: Doc, ledger: dict[str, Any] | None, live: bool) -> None:
+    """The guarantee section before any round's replies reached the ledger."""
+    if ledger is None:
+        doc.p("No privacy ledger (ledger.json) yet: this coordinator has not sent a round to "
+              "any site (the ledger is written before a round's instructions go out), and "
+              "nothing trained on private data was released.", note=True)
+        return
+    lost = unrecorded(ledger, live)
+    doc.p("No round's replies have reached the privacy ledger yet: nothing trained on private "
+          "data was released" + (", but rounds were sent to sites:" if lost else "."),
+          note=True)
+    doc.bullets(lost)
+    if lost:
+        doc.p(MAY_HAVE_SPENT_MORE, note=True)
+
+
+def _spend(doc: Doc, ledger: dict[str, Any] | None, cfg: dict[str, Any],
+           site_dirs: Mapping[str, str | Path] | None, live: bool) -> None:
+    """Each site's ε this run beside its lifetime ε, and the rounds whose spend may not
+    (all) be on the ledger."""
+    if ledger is None or not ledger["rounds"]:
+        return
+    doc.h("Privacy spend per site: this run and lifetime")
+    doc.table(SPEND_HEADERS, spend_rows(site_spend(ledger, cfg, site_dirs)))
+    doc.p(THIS_RUN_VS_LIFETIME)
+    lost = unrecorded(ledger, live)
+    if lost:
+        doc.p("Rounds whose spend may not all be on this ledger:", note=True)
+        doc.bullets(lost)
+    doc.p(MAY_HAVE_SPENT_MORE, note=True)
+
+
+def _guarantee(doc: Doc, run_dir: Path, ledger: dict[str, Any] | None, live: bool) -> None:
     doc.h("Privacy guarantee")
     if ledger is None or not ledger["rounds"]:
-        doc.p("No privacy ledger with recorded rounds (ledger.json): no site has reported "
-              "spending anything, and nothing trained on private data was released.", note=True)
+        _no_rounds(doc, ledger, live)
         return
     sites = ledger["sites"]
     eps = max(float(s["epsilon"]) for s in sites.values())
@@ -267,11 +310,22 @@ def _grids(doc: Doc, run_dir: Path) -> None:
 
 
 def federated_sections(doc: Doc, run_dir: Path,
-                       site_dirs: Mapping[str, str | Path] | None = None) -> None:
-    """Guarantee, ε over rounds, accepted/rejected, (site) losses and grids of a federation."""
+                       site_dirs: Mapping[str, str | Path] | None = None,
+                       cfg: dict[str, Any] | None = None, live: bool = False) -> None:
+    """The run's state, guarantee, ε this run and lifetime, ε over rounds, accepted/rejected,
+    (site) losses and grids of a federation. ``live``: rendered by the running coordinator
+    between rounds; unless the run has finished, the page then reloads itself."""
     ledger = load_ledger(run_dir / "ledger.json")
     metrics = read_records(run_dir / "metrics.jsonl", "round metrics")
-    _guarantee(doc, run_dir, ledger)
+    state = run_state(run_dir, ledger, cfg or {}, live)
+    doc.refresh_s = state.refresh_s
+    if state.kind == "live":
+        doc.title += f" (live: {state.recorded}" + (
+            f" of {state.planned}" if state.planned else "") + " rounds recorded)"
+    doc.h("Run status")
+    doc.p(state.text, note=state.kind != "finished")
+    _spend(doc, ledger, cfg or {}, site_dirs, live)
+    _guarantee(doc, run_dir, ledger, live)
     _rounds(doc, ledger, metrics)
     _losses(doc, ledger, site_dirs)
     _grids(doc, run_dir)

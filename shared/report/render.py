@@ -4,7 +4,8 @@ A :class:`Doc` is a list of blocks. :func:`write_doc` writes it into one folder 
 ``report.md`` (images beside it, linked by relative path) and ``report.html``, that Markdown
 rendered by markdown-it-py with every image base64-embedded, so the single file can be
 mailed. Plots are drawn with matplotlib's object-oriented API (``Figure`` + Agg canvas): no
-pyplot, no global backend change.
+pyplot, no global backend change. A document with ``refresh_s`` set (a live report, re-rendered
+while its run goes on) makes the page reload itself every that many seconds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dpfl.shared.io import atomic_write_bytes, atomic_write_text, read_jsonl
 CSS = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}table{border-collapse:collapse;margin:.6em 0}
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;font-size:.92em}
-th{background:#f2f2f2}figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}
+th{background:#f2f2f2}td:first-child{white-space:nowrap}figure{margin:1em 0}
+img{max-width:100%;border:1px solid #ddd}
 figcaption{font-size:.9em;color:#555}code{background:#f4f4f4;padding:0 .2em}
 blockquote{background:#fff8e0;border-left:4px solid #e0b000;margin:1em 0;
 padding:.4em .8em}"""
@@ -68,6 +70,7 @@ class Doc:
     title: str
     blocks: list[tuple[str, Any]] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
+    refresh_s: int = 0  # > 0: the HTML page reloads itself every refresh_s seconds
 
     def h(self, text: str) -> None:
         self.blocks.append(("h2", text))
@@ -188,18 +191,20 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def to_html(title: str, markdown: str, out_dir: Path) -> str:
+def to_html(title: str, markdown: str, out_dir: Path, refresh_s: int = 0) -> str:
     """The Markdown as one self-contained HTML page: rendered by markdown-it-py (CommonMark
     plus tables, raw HTML off, so text from a run - site names included - is escaped), with
-    every image embedded as a data URI so the single file can be mailed."""
+    every image embedded as a data URI so the single file can be mailed. ``refresh_s`` > 0:
+    the page reloads itself that often (a live report)."""
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     tokens = md.parse(markdown)
     for token in tokens:
         for child in token.children or []:
             if child.type == "image":
                 child.attrSet("src", _data_uri(out_dir / unquote(str(child.attrGet("src")))))
+    refresh = f'<meta http-equiv="refresh" content="{int(refresh_s)}">' if refresh_s > 0 else ""
     return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>", f'<html lang="en"><head><meta charset="utf-8">{refresh}',
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         md.renderer.render(tokens, md.options, {}), "</body></html>"])
 
@@ -211,7 +216,8 @@ def write_doc(doc: Doc, out_dir: Path) -> Path:
         draw(plot, out_dir / plot.name)
     markdown = to_markdown(doc, out_dir)
     atomic_write_text(out_dir / "report.md", markdown)
-    return atomic_write_text(out_dir / "report.html", to_html(doc.title, markdown, out_dir))
+    return atomic_write_text(out_dir / "report.html",
+                             to_html(doc.title, markdown, out_dir, doc.refresh_s))
 
 
 # -- reading a run directory (every error names the file) -------------------------------
