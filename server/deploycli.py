@@ -237,8 +237,13 @@ def _status_text(report: dict) -> str:
                      f"node {s['node-id']}, at most {s['max-examples']} examples")
     lines += [f"run {r.get('run-id')}: {r.get('status')}" for r in report["runs"]] or ["no runs"]
     for row in report["ledgers"]:
-        lines.append(f"ledger {row['run-dir']}: " + (row["error"] if "error" in row else
-                     f"{row['rounds']} round(s), global epsilon {row['global-epsilon']}"))
+        if "error" in row:
+            lines.append(f"ledger {row['run-dir']}: {row['error']}")
+        elif not row["rounds"]:
+            lines.append(f"ledger {row['run-dir']}: no round recorded yet")
+        else:
+            lines.append(f"ledger {row['run-dir']}: {row['rounds']} round(s), global epsilon "
+                         f"{row['global-epsilon']:.3f} (delta {row['global-delta']:g})")
     return "\n".join(lines)
 
 

@@ -186,6 +186,8 @@ def deployment(tmp_path_factory):
             cli("server", "run", "--pki", str(pki), "--state-dir", str(coord), "--timeout",
                 "900", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]),
             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1000)
+        # the refused site gives up on its own once --max-wait-time (120 s) has passed
+        wait_for(lambda: h.procs["rogue"].poll() is not None, 400, "the refused site to exit")
         res["rogue_rc"] = h.procs["rogue"].poll()
         res["status_after"] = _status(tmp, coord)
         res["bad"] = _bad_runs(tmp, coord)
