@@ -108,7 +108,7 @@ def test_the_follower_reattached_and_showed_every_round(recovery):
     code, output = recovery["run1"]
     lines = output.splitlines()
     assert any("waiting to re-attach" in line for line in lines), output[-3000:]
-    assert any("was stopped by a coordinator restart; resubmitted as run" in line
+    assert any("across a coordinator restart; resubmitted as run" in line
                for line in lines), output[-3000:]
     rounds = [line.split(":")[0] for line in lines if line.startswith("round ")]
     assert rounds[0] == "round 1" and rounds[-1] == "round 2", rounds
