@@ -30,7 +30,10 @@ def describe_round(rec: dict[str, Any]) -> str:
     """One line for a ``metrics.jsonl`` record of the coordinator."""
     rejected = rec.get("rejected") or {}
     eps = rec.get("epsilon") or {}
-    parts = [f"round {rec.get('round')}: {rec.get('accepted', 0)} update(s) averaged"]
+    sampled = rec.get("sampled")
+    parts = [f"round {rec.get('round')}: "
+             + (f"sampled {', '.join(sampled)}; " if sampled else "")
+             + f"{rec.get('accepted', 0)} update(s) averaged"]
     if rejected:
         parts.append("rejected " + "; ".join(f"{s} ({why})" for s, why in sorted(rejected.items())))
     if eps:

@@ -243,10 +243,11 @@ def sample(strategy: AdapterFedAvg, grid: Grid, fed: Federation, rnd: int,
     return msgs
 
 
-def log_round(run: RunDir, rnd: int, outcome: RoundOutcome) -> None:
-    """One line of ``metrics.jsonl`` per released round."""
+def log_round(run: RunDir, rnd: int, outcome: RoundOutcome, sampled: list[str]) -> None:
+    """One line of ``metrics.jsonl`` per released round (``sampled``: the sites asked)."""
     entry, client_level = outcome.entry, outcome.client_level
-    run.log(round=rnd, accepted=outcome.accepted, rejected=dict(outcome.rejected),
+    run.log(round=rnd, sampled=sampled, accepted=outcome.accepted,
+            rejected=dict(outcome.rejected),
             epsilon={s: v["epsilon"] for s, v in entry["sites"].items()},
             global_epsilon=entry["global_epsilon"], global_delta=entry["global_delta"],
             **({"client_level_epsilon": client_level["epsilon"]} if client_level else {}))
@@ -291,13 +292,14 @@ def _run_federation(grid: Grid, cfg: FedConfig,
             msgs = sample(strategy, grid, fed, rnd, adapter, cdp)
             if not msgs:
                 break
-            fed.ledger.begin_round(rnd, [node_site.get(n, f"node {n}") for n in
-                                         (m.metadata.dst_node_id for m in msgs)])
+            sampled = [node_site.get(m.metadata.dst_node_id, f"node {m.metadata.dst_node_id}")
+                       for m in msgs]
+            fed.ledger.begin_round(rnd, sampled)
             try_write_report(fed.run.path, live=True)  # last round's results, this one sent
             outcome = round_.run(rnd, adapter, msgs)
             adapter = outcome.adapter
             fed.checkpoint.save(rnd, adapter, fed.plan.base_fingerprint)
-            log_round(fed.run, rnd, outcome)
+            log_round(fed.run, rnd, outcome, sampled)
             if cfg.sample_every and rnd % cfg.sample_every == 0:
                 fed.sample_grid(adapter, f"samples_round_{rnd:03d}.png", f"global model after "
                                 f"round {rnd}, eps={outcome.entry['global_epsilon']:.2f}")

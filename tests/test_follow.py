@@ -9,16 +9,18 @@ import json
 from dpfl.server.follow import Progress, describe_round, restarted_since
 from dpfl.server.policy import CoordinatorPolicy
 
-REC = {"round": 2, "accepted": 2, "rejected": {"site-2": "num-examples 48 exceeds the 10"},
+REC = {"round": 2, "sampled": ["site-0", "site-1", "site-2"], "accepted": 2,
+       "rejected": {"site-2": "num-examples 48 exceeds the 10"},
        "epsilon": {"site-0": 1.5, "site-1": 1.25, "site-2": 1.5}, "global_epsilon": 1.5,
        "global_delta": 1e-3}
 
 
 def test_a_round_is_one_line_with_its_rejections_and_epsilons():
     line = describe_round(REC)
-    assert line == ("round 2: 2 update(s) averaged | rejected site-2 (num-examples 48 exceeds "
-                    "the 10) | epsilon site-0 1.500, site-1 1.250, site-2 1.500 | global "
-                    "epsilon 1.500 (delta 0.001)")
+    assert describe_round({**REC, "sampled": None}).startswith("round 2: 2 update(s) averaged")
+    assert line == ("round 2: sampled site-0, site-1, site-2; 2 update(s) averaged | rejected "
+                    "site-2 (num-examples 48 exceeds the 10) | epsilon site-0 1.500, site-1 "
+                    "1.250, site-2 1.500 | global epsilon 1.500 (delta 0.001)")
 
 
 def test_progress_echoes_each_round_once_and_waits_for_a_torn_line(tmp_path):
