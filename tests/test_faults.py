@@ -8,8 +8,10 @@ state directory, then the run is resubmitted with the same run directory.
 
 Each point is a trigger and a seeded delay after it: ``time`` (after the previous point),
 ``train`` (a site's accountant file changed: a site committed steps and is training) or
-``round`` (the global checkpoint advanced). After every kill, and every few seconds in
-between, the state on disk must satisfy:
+``round`` (the global checkpoint advanced). A coordinator kill first waits until a round
+completed since the previous one (at most ``PROGRESS_WAIT``): on a slow machine a round can
+outlast the gap between kills, and the run would never advance. After every kill, and every
+few seconds in between, the state on disk must satisfy:
 
 * the checkpoint round never decreases, and the ledger is never behind it;
 * every ledger is a prefix of the next (rounds are appended, never rewritten), with round
@@ -59,6 +61,7 @@ DEADLINE = float(os.environ.get("DPFL_FAULT_DEADLINE", "1800"))
 SITES = ("site-0", "site-1", "site-2")
 RESTART_BACKOFF = 10.0  # seconds between a site's exit and its restart (systemd RestartSec)
 TRIGGER_WAIT = 60.0  # a train/round trigger not seen by then fires anyway
+PROGRESS_WAIT = 300.0  # the most a coordinator kill waits for a round to complete first
 
 
 def schedule(rng: random.Random, points: int) -> list[dict]:
@@ -150,6 +153,7 @@ class Deployment:
         self.site_exit: dict[str, float] = {}
         self.events: list[str] = []  # unexpected exits, for the report
         self.rounds = ROUNDS  # raised when the run finishes before every point is spent
+        self.round_at_coordinator_kill = -1  # the checkpoint round at its last kill
         subprocess.run(cli("server", "certs", "--out", str(self.pki), "--host", "127.0.0.1",
                            *[a for s in SITES for a in ("--site", s)]),
                        cwd=ROOT, env=env(), check=True, capture_output=True, timeout=120)
@@ -246,9 +250,25 @@ def _accountant_mtimes(states: dict[str, Path]) -> dict[str, int]:
     return out
 
 
+def _wait_progress(dep: Deployment, inv: Invariants, point: dict, deadline: float) -> None:
+    """Before killing the coordinator again: a round completed since its last kill (at most
+    ``PROGRESS_WAIT``). On a slow machine a round can outlast the gap between two kills, and
+    the run would then never advance; with this, every kill point is still spent, each after
+    some progress."""
+    start = time.monotonic()
+    while checkpoint_round(dep.run_dir) <= dep.round_at_coordinator_kill \
+            and time.monotonic() - start < PROGRESS_WAIT and time.monotonic() < deadline:
+        dep.supervise()
+        inv.check(f"waiting for progress before {point}")
+        time.sleep(1.0)
+    point["waited_for_progress"] = round(time.monotonic() - start, 1)
+
+
 def _wait_point(dep: Deployment, inv: Invariants, point: dict, deadline: float) -> str:
     """Wait for the point's trigger (``TRIGGER_WAIT`` at most) and delay, supervising and
     checking."""
+    if point["target"] == "coordinator":
+        _wait_progress(dep, inv, point, deadline)
     start = time.monotonic()
     mtimes, ckpt = _accountant_mtimes(dep.states), checkpoint_round(dep.run_dir)
     fired, last_check = None, 0.0
@@ -309,6 +329,7 @@ def faults(tmp_path_factory):
             point["t"] = round(time.monotonic() - t0, 1)
             point["round"] = checkpoint_round(dep.run_dir)
             if point["target"] == "coordinator":
+                dep.round_at_coordinator_kill = checkpoint_round(dep.run_dir)
                 point["killed"] = dep.crash_coordinator()
                 inv.check(f"after killing the coordinator at {point}")
                 dep.start_coordinator()
