@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The standard privacy-utility series on Fashion-MNIST (see server/experiment.py):
 #   bash scripts/experiments.sh [PRESET] [OUT]     (PRESET: tiny | cpu | fulldata | full; default cpu)
-# Rows go to OUT/results.jsonl and OUT/results.md (default runs/experiments). On a 2-core CPU
+# Rows go to OUT/results.jsonl and OUT/results.md (default runs/experiments), each row's record in
+# the committed schema to OUT/NAME/record.json (docs/results/ holds the committed ones). On a 2-core CPU
 # the cpu preset takes about an hour without the scratch rows (add SCRATCH=1 for those).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,9 @@ run() { OMP_NUM_THREADS="$threads" dpfl-server experiment --preset "$preset" --o
           --threads "$threads" "$@"; }
 run --setting floor
 run --setting ceiling
+# the autoencoder ceiling: the CNN on the base model's VAE reconstructions of the private images
+# (what no UNet-only DP recipe can pass); its record.json goes to docs/results/ (issue #15)
+run --setting ae-ceiling
 for eps in 10 1; do
   run --setting central --epsilon "$eps"
   run --setting federated --epsilon "$eps"

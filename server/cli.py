@@ -58,6 +58,8 @@ def _pretrain_options() -> list[click.Parameter]:
         click.Option(["--ae-lr"], type=positive, default=cfg("ae_lr")),
         click.Option(["--unet-lr"], type=positive, default=cfg("unet_lr")),
         click.Option(["--kl-weight"], type=click.FloatRange(min=0), default=cfg("kl_weight")),
+        click.Option(["--edge-weight"], type=click.FloatRange(min=0), default=cfg("edge_weight"),
+                     help="Weight of the autoencoder's edge-aware loss term (0: off)."),
         click.Option(["--cond-drop"], type=fraction, default=cfg("cond_drop")),
         click.Option(["--ema-decay"], type=fraction, default=cfg("ema_decay")),
         click.Option(["--seed"], type=int, default=cfg("seed")),
@@ -439,7 +441,9 @@ def certs(out: str, sites: tuple[str, ...], hosts: tuple[str, ...], overwrite: b
 @click.option("--setting", type=click.Choice(SETTINGS), required=True,
               help="federated: 3 non-IID hospitals, DP-LoRA; central: one silo, DP-LoRA; "
                    "scratch: whole UNet under DP from random init; floor: the public base model "
-                   "unchanged; ceiling: the CNN on real private images (no privacy).")
+                   "unchanged; ceiling: the CNN on real private images (no privacy); "
+                   "ae-ceiling: the CNN on the base model's autoencoder reconstructions of "
+                   "the private images (what fine-tuning only the UNet can reach at most).")
 @click.option("--epsilon", type=click.FloatRange(min=0, min_open=True),
               default=default_of(Experiment, "epsilon"),
               help="Target epsilon of the private settings (each site's, for federated).")

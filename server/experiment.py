@@ -11,9 +11,13 @@ images). One *setting* per call:
                images (DPDM-style, no public pretraining of the denoiser)
 ``floor``      the public base model's samples, no fine-tuning (ε = 0: private data untouched)
 ``ceiling``    the same CNN trained on real private images (no privacy: ε = ∞)
+``ae-ceiling`` the same CNN trained on the base model's *autoencoder reconstructions* of the
+               real private images (no privacy: ε = ∞): what any DP recipe that fine-tunes only
+               the UNet can reach with this autoencoder (:mod:`dpfl.shared.eval.autoencoder`)
 
 Each run directory gets ``evaluation/evaluation.json`` (:mod:`dpfl.shared.eval.evaluate`), the run
-report (``report/report.html``) and ``row.json``; the parent folder collects every row in
+report (``report/report.html``), ``row.json`` and ``record.json`` (the one schema of a committed
+row, :class:`dpfl.shared.eval.record.ResultRecord`); the parent folder collects every row in
 ``results.jsonl`` and renders ``results.md``, the table ``docs/results.md`` quotes.
 
 The private data is always the private part of the base model's own split (its model card
@@ -38,17 +42,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from dpfl.shared.rundir import RunDir
 
+if TYPE_CHECKING:
+    from dpfl.shared.eval.record import ResultRecord
+
 log = logging.getLogger(__name__)
 
+RECORD_FILE = "record.json"  # the row in the committed schema, in every run directory
 CLASSIFIER = "eval-classifier"  # one public-data classifier per base model: comparable FDs
 PRIVATE_SETTINGS = ("federated", "central", "scratch")  # these train on the private data
-SETTINGS = (*PRIVATE_SETTINGS, "floor", "ceiling")
+SETTINGS = (*PRIVATE_SETTINGS, "floor", "ceiling", "ae-ceiling")
+REAL_SETTINGS = ("ceiling", "ae-ceiling")  # the CNN trains on (reconstructed) real images
 
 
 @dataclass(frozen=True)
@@ -240,6 +249,18 @@ def _scratch(exp: Experiment, run: Path, data: str
     return ({"epsilon": out["epsilon"], "delta": out["delta"]}, {"model": out["model"]})
 
 
+def _untrained(exp: Experiment, run: Path, data: str
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings where nothing trains: the configuration is the whole run."""
+    RunDir(run).write_config(exp, sizes=dataclasses.asdict(exp.sizes))
+    if exp.setting == "floor":
+        return {"epsilon": 0.0, "delta": 0.0}, {"model": exp.base_model}
+    gen: dict[str, Any] = {"train_real": data, "train_per_class": exp.sizes.per_class}
+    if exp.setting == "ae-ceiling":
+        gen["autoencoder"] = exp.base_model
+    return {"epsilon": float("inf"), "delta": 0.0}, gen
+
+
 def run_experiment(exp: Experiment, command: str | None = None) -> dict[str, Any]:
     """Train (per setting), evaluate, write the report and the row; returns the row."""
     from dpfl.shared.eval.evaluate import evaluate
@@ -251,15 +272,7 @@ def run_experiment(exp: Experiment, command: str | None = None) -> dict[str, Any
     s = exp.sizes
     trainers = {"federated": _federated, "central": _central, "scratch": _scratch}
     data = private_data(exp) if exp.setting != "floor" else ""  # refused before training
-    if exp.private:
-        privacy, gen = trainers[exp.setting](exp, run, data)
-    else:  # nothing trains: the configuration is the whole run
-        RunDir(run).write_config(exp, sizes=dataclasses.asdict(s))
-        if exp.setting == "floor":
-            privacy, gen = {"epsilon": 0.0, "delta": 0.0}, {"model": exp.base_model}
-        else:
-            privacy = {"epsilon": float("inf"), "delta": 0.0}
-            gen = {"train_real": data, "train_per_class": s.per_class}
+    privacy, gen = (trainers[exp.setting] if exp.private else _untrained)(exp, run, data)
     trained = time.perf_counter() - start
     record = evaluate(_eval_config(exp, **gen), run / "evaluation")
     try_write_report(run)
@@ -269,17 +282,47 @@ def run_experiment(exp: Experiment, command: str | None = None) -> dict[str, Any
            "accuracy": record["downstream"]["accuracy"], "domain_fd": record["domain"]["fd"],
            "precision": record["domain"]["precision"], "recall": record["domain"]["recall"],
            "fid": record["fid"]["value"] if record.get("fid") else None,
-           "synthetic_per_class": s.per_class if exp.setting != "ceiling" else None,
+           "synthetic_per_class": s.per_class if exp.setting not in REAL_SETTINGS else None,
            "train_seconds": round(trained, 1),
            "total_seconds": round(time.perf_counter() - start, 1),
            "machine": machine(),
            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "command": command or "", "sizes": dataclasses.asdict(s), "run_dir": str(run)}
     atomic_write_json(run / "row.json", row)
+    result_record(exp, row, record).write(run / RECORD_FILE)
     append_jsonl(Path(exp.out) / "results.jsonl", row)
     atomic_write_text(Path(exp.out) / "results.md", results_table(read_jsonl(
         Path(exp.out) / "results.jsonl")))
     return row
+
+
+def result_record(exp: Experiment, row: dict[str, Any],
+                  evaluation: dict[str, Any]) -> ResultRecord:
+    """The row in the committed schema (:class:`~dpfl.shared.eval.record.ResultRecord`)."""
+    from dpfl.shared.data.sources import model_card
+    from dpfl.shared.eval.record import ResultRecord
+
+    sites = {"federated": exp.sizes.num_sites, "floor": 0}.get(exp.setting, 1)
+    guaranteed = exp.setting not in REAL_SETTINGS
+    extra: dict[str, Any] = {"domain_fd": row["domain_fd"], "precision": row["precision"],
+                             "recall": row["recall"], "fid": row["fid"],
+                             "target_epsilon": row["target_epsilon"], "run_dir": row["run_dir"],
+                             "train_size": evaluation["train_set"]["size"]}
+    if "autoencoder" in evaluation:
+        ae = evaluation["autoencoder"]
+        extra.update(reconstruction_mse=ae["train"]["mse"],
+                     reconstruction_mse_per_class=ae["train"]["mse_per_class"],
+                     reconstruction_mse_test=ae["test"]["mse"],
+                     latent_shape=ae["latent_shape"], grid=evaluation["grid"])
+    return ResultRecord(
+        setting=exp.setting, sites=sites,
+        epsilon=row["epsilon"] if guaranteed else None,
+        delta=row["delta"] if guaranteed else None, seed=exp.seed,
+        accuracy_cnn=row["accuracy"], accuracy_mean3=None,
+        per_class=evaluation["downstream"]["per_class"], wall_s=row["total_seconds"],
+        command=row["command"],
+        base_model_fingerprint=str(model_card(exp.base_model).get("fingerprint")),
+        preset=exp.preset, date=row["date"], machine=row["machine"], extra=extra)
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:

@@ -35,6 +35,7 @@ def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
     _experiment(out, "--setting", "central", "--epsilon", "2")
     _experiment(out, "--setting", "floor")
+    _experiment(out, "--setting", "ae-ceiling")
     return out
 
 
@@ -57,7 +58,7 @@ def test_private_row_reports_the_accountants_epsilon_within_target(table):
 
 def test_floor_row_spends_nothing_and_table_holds_both(table):
     rows = {r["setting"]: r for r in _rows(table)}
-    assert set(rows) == {"central", "floor"}
+    assert set(rows) == {"central", "floor", "ae-ceiling"}
     assert rows["floor"]["epsilon"] == 0.0
     assert not (Path(rows["floor"]["run_dir"]) / "accountant.json").exists()
     md = (table / "results.md").read_text()
@@ -71,3 +72,36 @@ def test_each_run_has_a_report_with_its_evaluation(table):
     for r in _rows(table):
         html = (Path(r["run_dir"]) / "report" / "report.html").read_text()
         assert "evaluation" in html.lower() and f"{r['accuracy']:.4f}"[:5] in html
+
+
+def test_every_row_writes_its_record_in_the_committed_schema(table):
+    from dpfl.shared.eval.record import ResultRecord
+
+    card = json.loads((ROOT / "models" / "fmnist-base" / "model_card.json").read_text())
+    records = {}
+    for r in _rows(table):
+        rec = ResultRecord.read(Path(r["run_dir"]) / "record.json")
+        assert rec.accuracy_cnn == r["accuracy"] and rec.wall_s == r["total_seconds"]
+        assert rec.base_model_fingerprint == card["fingerprint"] and rec.command == r["command"]
+        records[rec.setting] = rec
+    assert records["central"].sites == 1 and records["central"].epsilon == pytest.approx(
+        _rows(table)[0]["epsilon"]) and records["central"].delta == 1e-5
+    assert records["floor"].sites == 0 and records["floor"].epsilon == 0.0
+    assert records["ae-ceiling"].epsilon is None and records["ae-ceiling"].delta is None
+
+
+def test_ae_ceiling_trains_on_reconstructions_of_the_private_split(table):
+    row = next(r for r in _rows(table) if r["setting"] == "ae-ceiling")
+    run = Path(row["run_dir"])
+    evaluation = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["kind"] == "reconstructed"
+    assert evaluation["train_set"]["per_class"] == [10] * 10
+    assert evaluation["config"]["train_real"] == "fmnist:private@0"
+    ae = evaluation["autoencoder"]
+    card = json.loads((ROOT / "models" / "fmnist-base" / "model_card.json").read_text())
+    assert ae["fingerprint"] == card["fingerprint"] and ae["latent_shape"] == [4, 8, 8]
+    assert 0.001 < ae["train"]["mse"] < 0.05 and ae["test"]["images"] == 10_000
+    record = json.loads((run / "record.json").read_text())
+    assert record["extra"]["reconstruction_mse"] == ae["train"]["mse"]
+    assert (run / "evaluation" / "reconstructions.png").exists()
+    assert not list(run.rglob("*.npz"))  # no (reconstructed) private image is written

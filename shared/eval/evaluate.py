@@ -223,6 +223,10 @@ class EvalConfig:
         train_real: a real data source evaluated instead of samples (the non-private ceiling).
         train_per_class: with ``train_real``, use at most this many images of each class, a
             seeded draw (0: all).
+        autoencoder: with ``train_real``, a model directory whose autoencoder reconstructs
+            the real set; the CNN trains on the reconstructions (the autoencoder ceiling,
+            :mod:`dpfl.shared.eval.autoencoder`). Neither is ever written out; the record holds
+            the reconstruction MSE and a grid of reconstructed *test* images.
         per_class: samples per class (>= 1, default 200).
         steps: DDIM steps (>= 1, default 25); guidance: classifier-free guidance (>= 0, 1 =
             plain conditional sampling).
@@ -244,6 +248,7 @@ class EvalConfig:
     adapter: str | None = None
     train_real: str | None = None
     train_per_class: int = 0
+    autoencoder: str | None = None
     per_class: int = 200
     steps: int = 25
     guidance: float = 1.0
@@ -265,6 +270,9 @@ class EvalConfig:
                               "(train_real) for the ceiling, not both and not neither")
         if self.adapter is not None and self.model is None:
             raise ConfigError("an adapter needs the base model it belongs to (model)")
+        if self.autoencoder is not None and self.train_real is None:
+            raise ConfigError("an autoencoder reconstructs a real training set: give train_real "
+                              "with it (to evaluate a model's samples, give model instead)")
         if min(self.per_class, self.steps, self.batch_size, self.epochs, self.k,
                self.classifier_epochs) < 1 or self.train_per_class < 0 or self.guidance < 0:
             raise ConfigError("per_class, steps, batch_size, epochs, classifier_epochs and k must "
@@ -310,11 +318,38 @@ def _save_class_grid(data: ImageSet, path: Path, title: str) -> Path:
     return save_grid(images, path, nrow=n, row_labels=list(data.class_names), title=title)
 
 
+def _reconstructed(cfg: EvalConfig, real: ImageSet, device: str, out: Path, progress: bool,
+                   record: dict[str, Any]) -> ImageSet:
+    """The autoencoder's reconstructions of ``real`` (kept in memory only), their MSE, and a
+    grid of reconstructed test images."""
+    from dpfl.shared.eval.autoencoder import mse_summary, reconstruct, reconstruction_grid
+
+    record["kind"] = "reconstructed"
+    ldm = load_ldm(str(cfg.autoencoder)).to(device)
+    start = time.perf_counter()
+    data, mse = reconstruct(ldm, real, cfg.batch_size, progress)
+    test = load_source(cfg.test)
+    _, mse_test = reconstruct(ldm, test, cfg.batch_size, progress)
+    title = f"{cfg.autoencoder}: test images and their reconstructions"
+    counts = np.bincount(test.labels)
+    record["grid"] = str(reconstruction_grid(ldm, test, out / "reconstructions.png",
+                                             int(min(8, counts[counts > 0].min())), title))
+    record["autoencoder"] = {"model": cfg.autoencoder, "fingerprint": ldm.fingerprint(),
+                             "card_fingerprint": ldm.card.get("fingerprint"),
+                             "latent_shape": list(ldm.latent_shape),
+                             "train": mse_summary(mse, real), "test": mse_summary(mse_test, test),
+                             "seconds": time.perf_counter() - start}
+    return data
+
+
 def _training_set(cfg: EvalConfig, device: str, out: Path, progress: bool,
                   record: dict[str, Any]) -> ImageSet:
     if cfg.train_real is not None:
         record["kind"] = "real"
-        return balanced_subset(load_source(cfg.train_real), cfg.train_per_class, cfg.seed)
+        real = balanced_subset(load_source(cfg.train_real), cfg.train_per_class, cfg.seed)
+        if cfg.autoencoder is None:
+            return real
+        return _reconstructed(cfg, real, device, out, progress, record)
     model = str(cfg.model)  # EvalConfig guarantees exactly one of model / train_real
     record["kind"] = "synthetic"
     ldm = load_generator(model, cfg.adapter, device)
