@@ -85,6 +85,24 @@ def _raw_requests(port, ca) -> dict:
     return out
 
 
+def _listening(flwr_home: Path) -> dict[str, list[str]]:
+    """The TCP addresses the coordinator's flwr processes listen on (``ss -ltnp``), by
+    command: the SuperLink and its SuperExec must listen on loopback only."""
+    from dpfl.shared.deploy.flwrproc import processes_of
+
+    argv = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            for pid in processes_of(flwr_home)}
+    pids = {pid: a[1].decode() for pid, a in argv.items()  # python3 SCRIPT ...; not nginx
+            if len(a) > 1 and not a[0].startswith(b"nginx")}
+    out: dict[str, list[str]] = {}
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True,
+                               check=True).stdout.splitlines():
+        for pid, cmd in pids.items():
+            if f"pid={pid}," in line:
+                out.setdefault(Path(cmd).name, []).append(line.split()[3])
+    return out
+
+
 def _attacks(tmp, port, pki, rogue_pki) -> dict:
     """The Control API's commands against the public address, with only the CA."""
     from dpfl.server.deploy import app_dir
@@ -171,6 +189,7 @@ def deployment(tmp_path_factory):
                  or h.procs["coordinator"].poll() is not None, 180, "SuperLink")
         assert "SuperLink ready" in h.output("coordinator"), h.output("coordinator")[-3000:]
         res["tls"] = _tls_checks(port, pki / "ca.crt")
+        res["listening"] = _listening(coord / "flwr-home")
         res["attacks"] = _attacks(tmp, port, pki, rogue_pki)
         res["status_before"] = _status(tmp, coord)
         for i, site in enumerate(SITES):
@@ -245,6 +264,13 @@ def test_the_public_address_serves_no_control_api(deployment, attack):
     answer = deployment["attacks"][attack]
     assert answer["success"] is False, answer
     assert "404" in answer["error-message"], answer  # nginx: no such route here
+
+
+def test_the_superlink_listens_on_loopback_only(deployment):
+    listening = deployment["listening"]
+    assert listening.get("flower-superlink"), listening  # found it
+    for cmd, addresses in listening.items():
+        assert all(a.startswith("127.0.0.1:") for a in addresses), (cmd, addresses)
 
 
 def test_no_spelling_of_a_path_reaches_past_the_fleet_routes(deployment):
