@@ -18,11 +18,12 @@ import json
 import logging
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpfl.shared.deploy.certs import check_ca_certificate, check_node_private_key, check_superlink
-from dpfl.shared.deploy.flwrproc import flwr_bin, flwr_env
+from dpfl.shared.deploy.flwrproc import flwr_bin, flwr_env, stop_processes_of
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.federation.config import SiteConfig
 from dpfl.shared.io import ensure_dir
@@ -123,24 +124,35 @@ def run_node(node: SiteNode, created_state: bool = False) -> int:
 
     Its output is passed through; when the coordinator refused to activate the node, the
     site is told so in its own words (not as a network fault), and a state directory this
-    run created holds nothing but the SuperNode's FLWR_HOME, it is removed again."""
+    run created holds nothing but the SuperNode's FLWR_HOME, it is removed again. What the
+    SuperNode leaves running when it exits (its SuperExec and ClientApps) is stopped."""
     import signal
-    import sys
 
     proc = subprocess.Popen(node.command(), env=flwr_env(node.flwr_home),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-    refused = False
+    refused = threading.Event()
+    pump = threading.Thread(target=_pass_through, args=(proc, refused), daemon=True)
+    pump.start()
+    code = proc.wait()
+    stop_processes_of(node.flwr_home)  # its children hold the output pipe open otherwise
+    pump.join(timeout=10)
+    if code != 0 and refused.is_set():
+        _refused(node, created_state)
+    return code
+
+
+def _pass_through(proc: subprocess.Popen, refused: threading.Event) -> None:
+    """Copy the SuperNode's output to ours, noting flwr's message for a refused node."""
+    import sys
+
     assert proc.stdout is not None
     for raw in proc.stdout:
         sys.stdout.buffer.write(raw)
         sys.stdout.flush()
-        refused = refused or REFUSED.encode() in raw
-    code = proc.wait()
-    if code != 0 and refused:
-        _refused(node, created_state)
-    return code
+        if REFUSED.encode() in raw:
+            refused.set()
 
 
 def _refused(node: SiteNode, created_state: bool) -> None:
