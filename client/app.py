@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from dpfl.client.secagg import FITINS, secagg_mod, secure_train
 from dpfl.client.site import RoundTag, Site
+from dpfl.shared.defaults import LOG_FORMAT
 from dpfl.shared.federation.config import RoundPlan, SiteConfig
 from dpfl.shared.federation.protocol import ARRAYS, CONFIG, METRICS, SERVER_ROUND, SITE, SITE_ID
 
@@ -76,7 +77,7 @@ def site_log() -> None:
     if any(getattr(h, "dpfl_site", False) for h in root.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.dpfl_site = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.propagate = False

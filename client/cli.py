@@ -19,7 +19,7 @@ import numpy as np
 from dpfl.shared.cli import CTX, LazyCommand, fail
 from dpfl.shared.data.partition import SCHEMES
 from dpfl.shared.data.partition import partition as split
-from dpfl.shared.defaults import default_of, defaults_of
+from dpfl.shared.defaults import LOG_FORMAT, default_of, defaults_of
 from dpfl.shared.errors import DpflError
 
 if TYPE_CHECKING:  # imported lazily below: the CLI starts fast
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # imported lazily below: the CLI starts fast
 def main(verbose: bool) -> None:
     """dpfl site: trains LoRA adapters on local images under DP; images never leave."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=LOG_FORMAT)
 
 
 @main.group()

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from dpfl.server.policy import CoordinatorPolicy
 from dpfl.server.rounds import run_federation
+from dpfl.shared.defaults import LOG_FORMAT
 from dpfl.shared.federation.config import FedConfig
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def _log_to(run_dir: Path) -> None:
     """dpfl's log lines (INFO and up) of this ServerApp process to its stderr, which ``flwr
     log`` shows, and to ``RUN_DIR/server.log`` (appended across resumed runs)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = logging.Formatter(LOG_FORMAT)
     root = logging.getLogger("dpfl")
     for handler in (logging.StreamHandler(sys.stderr),
                     logging.FileHandler(run_dir / "server.log", encoding="utf-8")):

@@ -21,7 +21,7 @@ from dpfl.server.deploycli import PKI_DIR, run_cmd, serve, status, stop
 from dpfl.server.experiment import PRESETS as EXPERIMENT_PRESETS
 from dpfl.server.experiment import SETTINGS, Experiment
 from dpfl.shared.cli import CTX, LazyCommand, fail
-from dpfl.shared.defaults import default_of
+from dpfl.shared.defaults import LOG_FORMAT, default_of
 from dpfl.shared.errors import DpflError
 
 
@@ -35,7 +35,7 @@ def _threads() -> click.Option:
 def main(verbose: bool) -> None:
     """dpfl coordinator: hosts the public base model and aggregates DP adapters."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=LOG_FORMAT)
 
 
 def _pretrain_options() -> list[click.Parameter]:

@@ -93,7 +93,7 @@ class Coordinator:
         for name in ("port", "api_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ConfigError(f"{name} must be in 1..65535, got {getattr(self, name)}")
-        if self.port == self.api_port and self.host in ("127.0.0.1", "0.0.0.0", "localhost"):
+        if self.port == self.api_port:
             raise ConfigError(f"the public port and the SuperLink's API port are both "
                               f"{self.port}; give --api-port another")
         if not self.address:

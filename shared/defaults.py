@@ -11,6 +11,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+#: the one format of dpfl's log lines (the CLIs, the ServerApp, a deployed site's ClientApp)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 
 def default_of(owner: type | Callable[..., Any], name: str) -> Any:
     """The default of field ``name`` of dataclass ``owner``, or of parameter ``name`` of
