@@ -143,6 +143,17 @@ def test_lat8_preset_doubles_the_latent_channels_only():
     assert PRESETS["fmnist-lat8"].unet == base.unet
 
 
+def test_wide_ae_preset_widens_the_autoencoder_and_keeps_the_latents_and_unet():
+    from dpfl.shared.ldm.models import PRESETS
+
+    wide, base = build_ldm("fmnist-wide-ae"), build_ldm("fmnist")
+    assert wide.latent_shape == base.latent_shape == (4, 8, 8)
+    assert wide.vae.config.block_out_channels[0] == 2 * base.vae.config.block_out_channels[0]
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(wide.vae) > n(base.vae)
+    assert PRESETS["fmnist-wide-ae"].unet == PRESETS["fmnist"].unet
+
+
 @pytest.mark.skipif(not (ROOT / "models" / "fmnist-base" / "model_card.json").exists(),
                     reason="needs the shipped base model")
 def test_shipped_base_model_still_loads_with_its_fingerprint():

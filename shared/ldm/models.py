@@ -122,6 +122,12 @@ PRESETS: dict[str, Preset] = {
 # its first and last convolution
 PRESETS["fmnist-lat8"] = dataclasses.replace(
     PRESETS["fmnist"], vae={**PRESETS["fmnist"].vae, "latent_channels": 8})
+# the second lever: the same 4x8x8 latents (so the same UNet cost) from a wider autoencoder,
+# 32 channels at full resolution instead of 16 (953k parameters instead of 681k; about 1.9x
+# the time per autoencoder step)
+PRESETS["fmnist-wide-ae"] = dataclasses.replace(
+    PRESETS["fmnist"], vae={**PRESETS["fmnist"].vae, "block_out_channels": (32, 64, 64),
+                            "norm_num_groups": 32})
 
 
 @dataclass
