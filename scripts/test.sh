@@ -12,4 +12,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # shared/federation (both configured in pyproject.toml)
 ruff check --no-cache .
 mypy --no-incremental
-exec python -m pytest -q -p no:cacheprovider --durations=30 tests "$@"
+# two workers (DPFL_TEST_WORKERS): one torch thread each, and much of the suite waits on real
+# processes (SuperLink, SuperNodes, Ray); every module stays on one worker, slowest first (tests/conftest.py)
+exec python -m pytest -q -p no:cacheprovider --durations=30 \
+  -n "${DPFL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests "$@"

@@ -25,6 +25,20 @@ requires_fmnist = pytest.mark.skipif(
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
+#: the modules that take longest (real processes, real federations), run first: with the
+#: README's command (``-n 2 --dist loadfile``, scripts/test.sh) a module is one unit of work
+#: for a worker (its module-scoped fixture, e.g. a whole federation, is built once), and the
+#: longest one started last would finish last, alone
+SLOWEST_FIRST = ("test_faults", "test_federation", "test_secagg", "test_deploy",
+                 "test_deploy_recovery", "test_experiment", "test_enrolment", "test_report")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the slowest modules first."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
+
+
 @pytest.fixture(scope="session")
 def tiny_ldm():
     from dpfl.shared.ldm.models import build_ldm
