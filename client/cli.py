@@ -20,7 +20,8 @@ from dpfl.shared.cli import CTX, LazyCommand, fail
 from dpfl.shared.data.partition import SCHEMES
 from dpfl.shared.data.partition import partition as split
 from dpfl.shared.defaults import LOG_FORMAT, default_of, defaults_of
-from dpfl.shared.errors import DpflError
+from dpfl.shared.errors import ConfigError, DpflError
+from dpfl.shared.privacy.choices import parse_delta
 
 if TYPE_CHECKING:  # imported lazily below: the CLI starts fast
     from dpfl.client.train import TrainJob
@@ -152,7 +153,9 @@ def _budget_options(dp: dict[str, Any], job: dict[str, Any]) -> list[click.Param
         click.Option(["--budget"], type=click.FloatRange(min=0, min_open=True),
                      default=job["budget"],
                      help="Epsilon budget of the ledger [default: --epsilon]."),
-        click.Option(["--accountant"], type=click.Choice(list(KINDS)), default=dp["accountant"]),
+        click.Option(["--accountant"], type=click.Choice(list(KINDS)), default=None,
+                     help=f"Privacy accountant for calibrating sigma and reporting epsilon "
+                          f"[default: the ledger's own; {dp['accountant']} for a new one]."),
         click.Option(["--accountant-file"], type=click.Path(dir_okay=False),
                      default=job["accountant_file"],
                      help="Privacy ledger [default: RUN_DIR/accountant.json]."),
@@ -332,19 +335,36 @@ def audit(preset, rank, alpha, dropout, blocks, class_embedding, canaries, confi
 
 def _dp_config(o: dict) -> DPConfig:
     """DPConfig from the :func:`_sgd_options` and :func:`_budget_options` values."""
+    from dpfl.shared.privacy.accountant import ledger_kind
     from dpfl.shared.privacy.dpsgd import DPConfig
 
+    ledger = o.get("accountant_file") or Path(o["run_dir"]) / "accountant.json"
     return DPConfig(clip=o["clip"], noise_multiplier=o["sigma"], target_epsilon=o["epsilon"],
-                    delta=o["delta"], accountant=o["accountant"], batch_size=o["batch_size"],
+                    delta=o["delta"], accountant=ledger_kind(ledger, o["accountant"]),
+                    batch_size=o["batch_size"],
                     max_physical_batch=o["physical_batch"],
                     noise_multiplicity=o["noise_multiplicity"], lr=o["lr"], epochs=o["epochs"],
                     planned_steps=o["planned_steps"], cond_drop=o["cond_drop"],
                     secure_mode=o["secure_mode"], seed=o["seed"], device=o["device"])
 
 
+class DeltaParam(click.ParamType):
+    """δ on the command line: a number in (0, 1) or ``auto`` (1/(n ln n) of the silo)."""
+
+    name = "delta"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> float | str:
+        try:
+            return parse_delta(value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _join_options() -> list[click.Parameter]:
     from dpfl.client.deploy import SiteNode
     from dpfl.shared.federation.config import ACCOUNTANTS, SiteConfig
+    from dpfl.shared.privacy.choices import DEFAULT_ACCOUNTANT
 
     site = partial(default_of, SiteConfig)
     return [
@@ -365,9 +385,12 @@ def _join_options() -> list[click.Parameter]:
         click.Option(["--epsilon-budget"], type=click.FloatRange(min=0, min_open=True),
                      default=site("epsilon_budget"),
                      help="The most epsilon this site will ever spend (across all runs)."),
-        click.Option(["--delta"], type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                     default=site("delta")),
-        click.Option(["--accountant"], type=click.Choice(ACCOUNTANTS), default=site("accountant")),
+        click.Option(["--delta"], type=DeltaParam(), default=site("delta"), show_default=True,
+                     help="A number in (0, 1), below 1/n, or 'auto': 1/(n ln n) of this "
+                          "site's n images (fixed in the ledger by the first round)."),
+        click.Option(["--accountant"], type=click.Choice(ACCOUNTANTS), default=site("accountant"),
+                     help=f"Privacy accountant [default: the state directory's ledger's own; "
+                          f"{DEFAULT_ACCOUNTANT} for a new one]."),
         click.Option(["--max-physical-batch"], type=click.IntRange(min=1),
                      default=site("max_physical_batch")),
         click.Option(["--secure-mode/--no-secure-mode"], default=site("secure_mode"),

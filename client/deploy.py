@@ -37,6 +37,8 @@ def node_config_arg(site: SiteConfig) -> str:
     pairs = []
     for f in dataclasses.fields(site):
         value = getattr(site, f.name)
+        if value is None:  # unset (e.g. accountant: the ledger's own): the key is left out
+            continue
         if f.name in ("data", "base_model", "state_dir", "label_map") and value \
                 and not str(value).startswith("fmnist:"):
             value = str(Path(value).expanduser().resolve())

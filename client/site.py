@@ -37,7 +37,8 @@ from dpfl.shared.federation.protocol import SiteReport
 from dpfl.shared.io import append_jsonl, atomic_write_bytes, ensure_dir
 from dpfl.shared.ldm.lora import spec_for_plan, travelling_keys
 from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
-from dpfl.shared.privacy.accountant import PersistentAccountant
+from dpfl.shared.privacy.accountant import PersistentAccountant, ledger_kind
+from dpfl.shared.privacy.choices import resolve_delta
 from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
 from dpfl.shared.privacy.poisson import dp_steps
 
@@ -155,19 +156,27 @@ class Site:
                             "the reason is in the site's own log (not sent, it may name "
                             "single records)") from exc
 
-    def accountant(self) -> PersistentAccountant:
-        return PersistentAccountant.open(self.state_dir / "accountant.json",
-                                         kind=self.cfg.accountant, delta=self.cfg.delta,
-                                         budget=self.cfg.epsilon_budget)
+    def ledger_settings(self, n: int) -> tuple[str, float]:
+        """(accountant kind, δ) of this site's ledger for a silo of ``n`` examples: the
+        configured kind, else the ledger's own (``prv`` for a new one); δ as configured,
+        ``auto`` being 1/(n ln n)."""
+        kind = ledger_kind(self.state_dir / "accountant.json", self.cfg.accountant)
+        return kind, resolve_delta(self.cfg.delta, n)
+
+    def accountant(self, n: int) -> PersistentAccountant:
+        kind, delta = self.ledger_settings(n)
+        return PersistentAccountant.open(self.state_dir / "accountant.json", kind=kind,
+                                         delta=delta, budget=self.cfg.epsilon_budget)
 
     def dp_config(self, plan: RoundPlan, n: int) -> DPConfig:
         """DP-SGD settings of a round; σ is calibrated for every round of the plan, each
         taking the steps Opacus' Poisson loader takes (the rule training commits)."""
         batch = min(plan.batch_size, n)
         steps_per_round = dp_steps(n, batch, plan.local_epochs)
+        kind, delta = self.ledger_settings(n)
         return DPConfig(
             clip=plan.clip, target_epsilon=min(plan.target_epsilon, self.cfg.epsilon_budget),
-            delta=self.cfg.delta, accountant=self.cfg.accountant,
+            delta=delta, accountant=kind,
             batch_size=batch, max_physical_batch=self.cfg.max_physical_batch,
             noise_multiplicity=plan.noise_multiplicity, lr=plan.lr, epochs=plan.local_epochs,
             planned_steps=plan.num_rounds * steps_per_round, secure_mode=self.cfg.secure_mode,
@@ -188,7 +197,7 @@ class Site:
         ldm = self.base_model(plan.base_fingerprint)
         check_proposal(global_adapter, ldm)
         z, y = self.local_silo(ldm)
-        acc = self.accountant()
+        acc = self.accountant(len(z))
         before = acc.epsilon()
         dp = self.dp_config(plan, len(z))
         init = {k: torch.from_numpy(np.array(v)) for k, v in global_adapter.items()}

@@ -31,17 +31,24 @@ def test_epsilon_equals_opacus_and_grows(tmp_path, kind, cls):
     assert acc.steps == 125 and acc.history == [(1.1, 0.01, 125)]
 
 
-def test_pinned_rdp_value(tmp_path):
-    acc = PersistentAccountant.open(tmp_path / "a.json", delta=1e-5, budget=100)
+@pytest.mark.parametrize("kind,pinned", [("rdp", 2.1013652716430564),
+                                         ("prv", 1.8383716376346455)])
+def test_pinned_values(tmp_path, kind, pinned):
+    acc = PersistentAccountant.open(tmp_path / "a.json", kind=kind, delta=1e-5, budget=100)
     acc.commit(1.0, 0.01, 1000)
-    # Opacus 1.6 RDP accountant, sigma=1, q=0.01, 1000 steps, delta=1e-5
-    assert acc.epsilon() == pytest.approx(2.1013652716430564, rel=1e-9)
+    # Opacus 1.6 RDP / PRV (upper bound) accountants, sigma=1, q=0.01, 1000 steps, delta=1e-5
+    assert acc.epsilon() == pytest.approx(pinned, rel=1e-9)
+
+
+def _opacus(kind, history, delta):
+    """ε of ``history`` by a fresh, stock Opacus accountant."""
+    a = {"rdp": RDPAccountant, "prv": PRVAccountant}[kind]()
+    a.history = list(history)
+    return a.get_epsilon(delta)
 
 
 def _rdp(s, q, n, d):
-    a = RDPAccountant()
-    a.history = [(s, q, n)]
-    return a.get_epsilon(d)
+    return _opacus("rdp", [(s, q, n)], d)
 
 
 def test_state_round_trips_and_restart_continues(tmp_path):
@@ -74,10 +81,11 @@ def test_corrupt_state_is_an_error_never_a_fresh_start(tmp_path):
 def test_mismatched_delta_or_kind_refused(tmp_path):
     path = tmp_path / "ledger.json"
     PersistentAccountant.open(path, delta=1e-5, budget=8)
+    assert PersistentAccountant.load(path).kind == "prv"  # the default of a new ledger
     with pytest.raises(StateError, match="delta"):
         PersistentAccountant.open(path, delta=1e-6, budget=8)
-    with pytest.raises(StateError):
-        PersistentAccountant.open(path, kind="prv", delta=1e-5, budget=8)
+    with pytest.raises(StateError, match="kind=prv.*kind=rdp"):
+        PersistentAccountant.open(path, kind="rdp", delta=1e-5, budget=8)
     with pytest.raises(ConfigError):
         PersistentAccountant(tmp_path / "x.json", kind="rdp", delta=1e-5, budget=-1)
 
@@ -114,7 +122,9 @@ def test_calibrated_sigma_meets_target_over_planned_run(tiny_ldm, tmp_path):
     assert res.steps == 2 and acc.steps == 2
     assert acc.predict_epsilon(res.sigma, res.sample_rate, 18) == pytest.approx(3.0, abs=0.02)
     assert acc.predict_epsilon(res.sigma, res.sample_rate, 18) <= 3.0
-    assert res.epsilon == pytest.approx(_rdp(res.sigma, 0.5, 2, 1e-3))
+    assert acc.kind == dp.accountant == "prv"  # the defaults: calibrated and reported by PRV
+    assert res.epsilon == pytest.approx(_opacus("prv", [(res.sigma, 0.5, 2)], 1e-3))
+    assert _opacus("prv", [(res.sigma, 0.5, 20)], 1e-3) <= 3.0
 
 
 # -- refusals before Opacus runs (issue 13, item 7) ---------------------------------------

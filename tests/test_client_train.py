@@ -134,7 +134,7 @@ def test_train_full_from_scratch_writes_a_loadable_model(setup, tmp_path):
     for name, p in model.unet.named_parameters():
         assert not torch.equal(p, start[name]) and not torch.equal(p, base.unet.state_dict()[name])
     guarantee = PrivacyGuarantee.from_file(run / "model" / "privacy.json")
-    assert guarantee.status == "stated" and guarantee.accountant == "rdp"
+    assert guarantee.status == "stated" and guarantee.accountant == "prv"
     assert guarantee.epsilon == pytest.approx(ledger.epsilon()) and guarantee.delta == 1e-3
     assert model.card["privacy"]["epsilon"] == pytest.approx(ledger.epsilon())
     _assert_states_the_ledger(run / "model" / "privacy.json", run / "accountant.json")

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant
 from opacus.optimizers import DPOptimizer
 
 import dpfl.shared.privacy.dpsgd as dpmod
@@ -151,7 +151,7 @@ def test_ledger_committed_before_first_step_and_equals_opacus(scratch, tmp_path,
     res = train_full(scratch, z, y, _dp(epochs=2), acc, progress=False)
     assert res.steps == 6 and on_disk
     assert all(h == [(0.5, 1 / 3, 6)] for h in on_disk)  # all 6 steps, before the first
-    opacus = RDPAccountant()
+    opacus = PRVAccountant()
     opacus.history = [(0.5, 1 / 3, 6)]
     assert res.epsilon == pytest.approx(opacus.get_epsilon(delta=1e-3), rel=1e-12)
     assert res.epsilon == pytest.approx(PersistentAccountant.load(path).epsilon(), rel=1e-12)

@@ -65,3 +65,17 @@ def test_flower_app_config_lists_every_key_with_the_dataclass_default():
     assert set(declared) == set(fields)
     for key, default in fields.items():
         assert declared[key] == default, key
+
+
+def test_site_delta_and_accountant_settings():
+    """δ is a number or "auto" (1/(n ln n) of the silo, resolved by the site); the
+    accountant may be left unset (the ledger's own kind, prv for a new ledger)."""
+    s = SiteConfig.from_node_config({"data": "d"})
+    assert s.delta == 1e-5 and s.accountant is None
+    assert SiteConfig.from_node_config({"data": "d", "delta": "AUTO"}).delta == "auto"
+    assert SiteConfig.from_node_config({"data": "d", "delta": "3e-6"}).delta == 3e-6
+    for bad in ("sometimes", 0, 1.5):
+        with pytest.raises(ConfigError, match=r"node config: delta must be"):
+            SiteConfig.from_node_config({"data": "d", "delta": bad})
+    with pytest.raises(ConfigError, match="site x: delta must be"):
+        SiteConfig(site_id="x", data="d", delta="sometimes")

@@ -227,7 +227,7 @@ def test_central_report_from_disk(tmp_path):
     doc = build_report(run.path)
     p = plots(doc)
     assert p["plot_loss.png"]["loss per step"].x == [1, 2, 3, 4, 5, 6, 7]
-    curve = p["plot_epsilon.png"]["ε (rdp accountant)"]
+    curve = p["plot_epsilon.png"]["ε (prv accountant)"]
     assert curve.x[0] == 0 and curve.y[0] == 0 and curve.x[-1] == 7
     assert curve.y[-1] == pytest.approx(acc.epsilon()) and curve.y == sorted(curve.y)
     assert p["plot_epsilon.png"]["ε logged per epoch"].x == [2, 4]

@@ -180,7 +180,7 @@ def test_status_reports_lifetime_spend_and_every_run_and_round(trained):
     records = read_jsonl(state / "rounds.jsonl")
     got = json.loads(_status(state, "--json"))
     assert got["epsilon"] == pytest.approx(ledger.epsilon())
-    assert (got["budget"], got["delta"], got["kind"]) == (8.0, 1e-3, "rdp")
+    assert (got["budget"], got["delta"], got["kind"]) == (8.0, 1e-3, "prv")
     assert got["budget_left"] == pytest.approx(8.0 - ledger.epsilon())
     assert got["steps"] == ledger.steps and got["unrecorded_steps"] == 0
     assert [(r["run"], r["round"]) for r in got["rounds"]] == ROUNDS[:3]

@@ -16,10 +16,11 @@ from typing import Any
 
 from dpfl.shared.errors import ConfigError
 
-#: privacy accountants a site may choose (Opacus'; ``dpfl.shared.privacy.accountant.KINDS``
-#: maps each to its class). Listed here, torch-free, because a federation never imports
-#: Opacus; ``tests/test_fedconfig.py`` checks both name the same accountants.
-ACCOUNTANTS = ("rdp", "prv")
+# ACCOUNTANTS: the privacy accountants a site may choose, listed torch-free (a federation
+# never imports Opacus); tests/test_fedconfig.py checks they are the accountant's KINDS
+from dpfl.shared.privacy.choices import ACCOUNTANTS as ACCOUNTANTS
+from dpfl.shared.privacy.choices import parse_delta
+
 #: keys Flower adds to a run or node config that are not dpfl settings
 _FLOWER_KEYS = ("partition-id", "num-partitions", "server-round")
 
@@ -41,6 +42,12 @@ def _from_mapping(cls, values: Mapping[str, Any], where: str):
         if key not in values:
             continue
         raw = values[key]
+        if "parse" in f.metadata:  # a field with its own parser, which names bad values
+            try:
+                kwargs[name] = f.metadata["parse"](raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            continue
         typ = type(f.default) if f.default is not dataclasses.MISSING else str
         val: Any
         try:
@@ -251,9 +258,17 @@ class SiteConfig:
         base_model: local copy of the public base model (verified by fingerprint).
         state_dir: where the accountant, cached latents and adapters live; must persist.
         epsilon_budget: the most epsilon this site will ever spend (> 0).
-        delta: the site's delta (0 < delta < 1/n, checked against its data size).
-        accountant: one of :data:`ACCOUNTANTS` (``rdp``, Mironov 2017; ``prv``, Gopi et
-            al. 2021).
+        delta: the site's delta: a number (0 < delta < 1/n, checked against its data size;
+            default 1e-5) or ``"auto"``: 1 / (n ln n) of the site's n private examples
+            (DPImageBench's protocol, :mod:`dpfl.shared.privacy.choices`; 2.1e-6 for 45,000,
+            9.1e-5 for 1,500). The ledger stores the δ of its first round and never changes
+            it: with ``auto``, a silo that later changes size is refused until the stored δ
+            is given as a number.
+        accountant: one of :data:`ACCOUNTANTS` (``prv``, Gopi et al. 2021: the tighter
+            bound, less noise for the same ε; ``rdp``, Mironov 2017), or ``None`` (default,
+            the key left out): the state directory's ledger keeps its own kind, and a new
+            ledger uses ``prv`` (``dpfl.shared.privacy.choices.DEFAULT_ACCOUNTANT``). A kind
+            that differs from an existing ledger's is refused.
         max_physical_batch: memory cap per forward pass (logical batches are split).
         secure_mode: DP noise and Poisson sampling from the OS CSPRNG (Opacus' secure-mode
             construction; ``dpfl.shared.privacy.securenoise``). Default True: a SuperNode
@@ -269,8 +284,8 @@ class SiteConfig:
     base_model: str = "models/fmnist-base"
     state_dir: str = "state"
     epsilon_budget: float = 10.0
-    delta: float = 1e-5
-    accountant: str = "rdp"
+    delta: float | str = dataclasses.field(default=1e-5, metadata={"parse": parse_delta})
+    accountant: str | None = None
     max_physical_batch: int = 256
     secure_mode: bool = True
     device: str = "auto"
@@ -282,9 +297,11 @@ class SiteConfig:
             raise ConfigError(f"{where}: node config 'data' (path to images) is required")
         if not self.epsilon_budget > 0:
             raise ConfigError(f"{where}: epsilon-budget must be > 0, got {self.epsilon_budget}")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"{where}: delta must be in (0, 1), got {self.delta}")
-        if self.accountant not in ACCOUNTANTS:
+        try:
+            parse_delta(self.delta)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if self.accountant is not None and self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"{where}: accountant must be one of {list(ACCOUNTANTS)}, got "
                               f"{self.accountant!r}")
 
