@@ -1,6 +1,8 @@
 """Recompute the results table from the committed row records (not a benchmark of speed):
 every ``docs/results/*.json`` is read and validated with the one reader
-(:class:`dpfl.shared.eval.record.ResultRecord`) and printed as Markdown. Usage::
+(:class:`dpfl.shared.eval.record.ResultRecord`) and printed as Markdown, with our CNN's
+accuracy and, for rows run with ``--classifiers all``, DPImageBench's 3-classifier mean and
+its ResNet / WideResNet / ResNeXt members. Usage::
 
     python bench/results_table.py [FOLDER]      # default docs/results
 """

@@ -15,6 +15,11 @@ images). One *setting* per call:
                real private images (no privacy: ε = ∞): what any DP recipe that fine-tunes only
                the UNet can reach with this autoencoder (:mod:`dpfl.shared.eval.autoencoder`)
 
+Every row scores the synthetic (or real, or reconstructed) set with our downstream CNN;
+``--classifiers all`` also trains DPImageBench's three (a small ResNet, WideResNet and ResNeXt,
+:mod:`dpfl.shared.eval.classifiers`) and records their mean as ``accuracy_mean3``, at about
+5-6 times the CNN's training time, so it is off by default; such a row's name ends in ``-all``.
+
 Each run directory gets ``evaluation/evaluation.json`` (:mod:`dpfl.shared.eval.evaluate`), the run
 report (``report/report.html``), ``row.json`` and ``record.json`` (the one schema of a committed
 row, :class:`dpfl.shared.eval.record.ResultRecord`); the parent folder collects every row in
@@ -45,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpfl.shared.errors import ConfigError
+from dpfl.shared.eval.record import CLASSIFIER_SETS
 from dpfl.shared.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from dpfl.shared.rundir import RunDir
 
@@ -122,6 +128,7 @@ class Experiment:
     seed: int = 0
     device: str = "auto"
     classifier_dir: str | None = None
+    classifiers: str = "cnn"  # "all": also the DPImageBench 3-classifier mean (record.py)
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
@@ -132,6 +139,9 @@ class Experiment:
             raise ConfigError(f"epsilon must be > 0, got {self.epsilon}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.classifiers not in CLASSIFIER_SETS:
+            raise ConfigError(f"classifiers must be one of {list(CLASSIFIER_SETS)}, got "
+                              f"{self.classifiers!r}")
 
     @property
     def sizes(self) -> ExperimentPreset:
@@ -144,7 +154,8 @@ class Experiment:
     @property
     def name(self) -> str:
         eps = f"-eps{self.epsilon:g}" if self.private else ""
-        return f"{self.setting}{eps}-{self.preset}-s{self.seed}"
+        scored = "" if self.classifiers == "cnn" else f"-{self.classifiers}"
+        return f"{self.setting}{eps}-{self.preset}-s{self.seed}{scored}"
 
     @property
     def run_dir(self) -> Path:
@@ -187,7 +198,7 @@ def _eval_config(exp: Experiment, **kw: Any):
     return EvalConfig(per_class=s.per_class, steps=s.sample_steps, guidance=s.guidance,
                       seed=exp.seed, epochs=s.eval_epochs, classifier_epochs=s.classifier_epochs,
                       classifier_dir=exp.classifier_dir or str(Path(exp.base_model) / CLASSIFIER),
-                      device=exp.device, **kw)
+                      classifiers=exp.classifiers, device=exp.device, **kw)
 
 
 def _federated(exp: Experiment, run: Path, data: str
@@ -279,7 +290,9 @@ def run_experiment(exp: Experiment, command: str | None = None) -> dict[str, Any
     row = {"name": exp.name, "setting": exp.setting, "preset": exp.preset,
            "epsilon": privacy["epsilon"], "delta": privacy["delta"],
            "target_epsilon": exp.epsilon if exp.private else None,
-           "accuracy": record["downstream"]["accuracy"], "domain_fd": record["domain"]["fd"],
+           "accuracy": record["downstream"]["accuracy"],
+           "accuracy_mean3": record["mean3"]["accuracy"] if record.get("mean3") else None,
+           "domain_fd": record["domain"]["fd"],
            "precision": record["domain"]["precision"], "recall": record["domain"]["recall"],
            "fid": record["fid"]["value"] if record.get("fid") else None,
            "synthetic_per_class": s.per_class if exp.setting not in REAL_SETTINGS else None,
@@ -314,15 +327,25 @@ def result_record(exp: Experiment, row: dict[str, Any],
                      reconstruction_mse_per_class=ae["train"]["mse_per_class"],
                      reconstruction_mse_test=ae["test"]["mse"],
                      latent_shape=ae["latent_shape"], grid=evaluation["grid"])
+    if evaluation.get("mean3"):
+        extra["classifiers"] = {name: _classifier_summary(r) for name, r in
+                                evaluation["mean3"]["classifiers"].items()}
+        extra["classifiers"]["cnn"] = _classifier_summary(evaluation["downstream"])
     return ResultRecord(
         setting=exp.setting, sites=sites,
         epsilon=row["epsilon"] if guaranteed else None,
         delta=row["delta"] if guaranteed else None, seed=exp.seed,
-        accuracy_cnn=row["accuracy"], accuracy_mean3=None,
+        accuracy_cnn=row["accuracy"], accuracy_mean3=row.get("accuracy_mean3"),
         per_class=evaluation["downstream"]["per_class"], wall_s=row["total_seconds"],
         command=row["command"],
         base_model_fingerprint=str(model_card(exp.base_model).get("fingerprint")),
         preset=exp.preset, date=row["date"], machine=row["machine"], extra=extra)
+
+
+def _classifier_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """One downstream classifier's result (evaluate's ``AccuracyResult``) in a record."""
+    keys = ("accuracy", "per_class", "parameters", "epochs", "selected_epoch", "seconds")
+    return {k: result.get(k) for k in keys}
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -333,18 +356,23 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
 def results_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of result rows (latest row per name)."""
     latest: dict[str, dict[str, Any]] = {}
     for r in rows:
         latest[r["name"]] = r
-    lines = ["| setting | preset | ε | δ | accuracy | domain FD | precision | recall | FID | "
-             "samples/class | wall time | machine | date | command |",
-             "|" + "---|" * 14]
+    lines = ["| setting | preset | ε | δ | accuracy | 3-classifier mean | domain FD | precision | "
+             "recall | FID | samples/class | wall time | machine | date | command |",
+             "|" + "---|" * 15]
     for r in latest.values():
         lines.append("| " + " | ".join([
             r["setting"], r["preset"], _fmt(r["epsilon"], ".2f"), _fmt(r["delta"], ".0e"),
-            _fmt(100 * r["accuracy"], ".1f") + " %", _fmt(r["domain_fd"], ".2f"),
+            _fmt(100 * r["accuracy"], ".1f") + " %", _pct(r.get("accuracy_mean3")),
+            _fmt(r["domain_fd"], ".2f"),
             _fmt(r["precision"], ".2f"), _fmt(r["recall"], ".2f"), _fmt(r["fid"], ".1f"),
             _fmt(r["synthetic_per_class"], "d"), f"{r['total_seconds'] / 60:.1f} min",
             r["machine"], r["date"][:10], f"`{r['command']}`"]) + " |")

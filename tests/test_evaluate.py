@@ -247,7 +247,7 @@ def test_generator_privacy_is_read_with_the_one_reader(tmp_path):
         run / "adapter" / "privacy.json")
     new = _adapter_privacy(str(run / "adapter"))
     assert (new["status"], new["epsilon"], new["delta"], new["accountant"]) == \
-        ("stated", acc.epsilon(), 1e-5, "rdp")
+        ("stated", acc.epsilon(), 1e-5, "prv")
     assert _adapter_privacy(None, str(model)) is None  # a public base model states nothing
     PrivacyGuarantee.from_values(2.0, 1e-6).write(model / "privacy.json")
     assert _adapter_privacy(None, str(model))["epsilon"] == 2.0
@@ -262,3 +262,17 @@ def test_cli_refuses_model_and_real_set_together(setup, tmp_path):
     res = CliRunner().invoke(main, ["evaluate", "--model", str(setup / "base"), "--out",
                                     str(tmp_path / "y"), "--inception", str(tmp_path / "no.pt")])
     assert res.exit_code != 0 and "DPFL_INCEPTION" in res.output
+
+
+def test_cli_scores_the_three_dpimagebench_classifiers_on_request(setup, tmp_path):
+    res, rec = _evaluate(setup, tmp_path / "mean3", "--train-real", str(setup / "test.npz"),
+                         "--train-per-class", "4", "--classifiers", "all")
+    members = rec["mean3"]["classifiers"]
+    assert set(members) == {"resnet", "wrn", "resnext"}  # (JSON keys are written sorted)
+    assert rec["mean3"]["accuracy"] == pytest.approx(
+        sum(m["accuracy"] for m in members.values()) / 3)
+    assert all(m["test_size"] == 60 and m["parameters"] > 0 for m in members.values())
+    assert rec["downstream"]["classifier"] == "cnn" and "3-classifier mean" in res.output
+    _, cnn_only = _evaluate(setup, tmp_path / "cnn", "--train-real", str(setup / "test.npz"),
+                            "--train-per-class", "4")
+    assert cnn_only["mean3"] is None  # the default scores the CNN alone

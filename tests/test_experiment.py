@@ -35,7 +35,7 @@ def table(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
     _experiment(out, "--setting", "central", "--epsilon", "2")
     _experiment(out, "--setting", "floor")
-    _experiment(out, "--setting", "ae-ceiling")
+    _experiment(out, "--setting", "ae-ceiling", "--classifiers", "all")
     return out
 
 
@@ -105,3 +105,17 @@ def test_ae_ceiling_trains_on_reconstructions_of_the_private_split(table):
     assert record["extra"]["reconstruction_mse"] == ae["train"]["mse"]
     assert (run / "evaluation" / "reconstructions.png").exists()
     assert not list(run.rglob("*.npz"))  # no (reconstructed) private image is written
+
+
+def test_ae_ceiling_row_scored_by_all_classifiers_records_their_mean(table):
+    row = next(r for r in _rows(table) if r["setting"] == "ae-ceiling")
+    assert row["name"].endswith("-all")  # its own run directory beside a CNN-only row
+    from dpfl.shared.eval.record import MEAN3, ResultRecord
+
+    rec = ResultRecord.read(Path(row["run_dir"]) / "record.json")
+    accs = [rec.extra["classifiers"][n]["accuracy"] for n in MEAN3]
+    assert rec.accuracy_mean3 == pytest.approx(sum(accs) / 3) == row["accuracy_mean3"]
+    assert rec.extra["classifiers"]["cnn"]["accuracy"] == rec.accuracy_cnn
+    assert "3-classifier mean" in (table / "results.md").read_text()
+    floor = next(r for r in _rows(table) if r["setting"] == "floor")
+    assert floor["accuracy_mean3"] is None  # the default scores the CNN alone

@@ -4,7 +4,9 @@ The utility protocol of DPDM (Dockhorn et al., "Differentially Private Diffusion
 TMLR 2023) and the DP generative-model literature before it: train a small CNN on the
 synthetic set, with a fixed number of epochs, and report its accuracy on the *real* test set.
 Model selection here never looks at the test set: the epoch kept is the best one on a held-out
-slice of the *training* set (``val_fraction``), or the last epoch when that is 0.
+slice of the *training* set (``val_fraction``), or the last epoch when that is 0. The one
+training loop, :func:`train_classifier`, takes any model factory; the DPImageBench-style
+ResNet, WideResNet and ResNeXt (:mod:`dpfl.shared.eval.classifiers`) train with it too.
 
 The same network, trained once on public data only, gives the feature space of the domain
 Fréchet distance and of precision/recall (:mod:`dpfl.shared.eval.fid`); its penultimate layer
@@ -20,9 +22,10 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -123,11 +126,14 @@ class TrainSettings:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
 @dataclass
-class TrainedCNN:
+class TrainedClassifier(Generic[M]):
     """A trained classifier with its training record."""
 
-    model: SmallCNN
+    model: M
     class_names: tuple[str, ...]
     history: list[dict[str, Any]] = field(default_factory=list)
     selected_epoch: int = 0
@@ -137,6 +143,9 @@ class TrainedCNN:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+TrainedCNN = TrainedClassifier[SmallCNN]
+
+
 def to_input(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, C) float in [0, 1] -> (N, C, H, W) float in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -144,9 +153,13 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: SmallCNN, data: ImageSet, batch_size: int = 512,
+def predict_logits(model: nn.Module, data: ImageSet, batch_size: int = 512,
                    features: bool = False) -> torch.Tensor:
-    """Logits (or penultimate features) of every image, in eval mode, on CPU."""
+    """Logits of every image (or, for a :class:`SmallCNN`, its penultimate features), in eval
+    mode, on CPU."""
+    if features and not isinstance(model, SmallCNN):
+        raise ConfigError(f"penultimate features come from the SmallCNN, not a "
+                          f"{type(model).__name__}")
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -157,17 +170,19 @@ def predict_logits(model: SmallCNN, data: ImageSet, batch_size: int = 512,
             out.append((model.features(x) if features else model(x)).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, model.cfg.hidden if features
-                                                   else model.cfg.num_classes)
+    if out:
+        return torch.cat(out)
+    return torch.empty(0, model.cfg.hidden if isinstance(model, SmallCNN) and features
+                       else len(data.class_names))
 
 
-def accuracy(model: SmallCNN, data: ImageSet,
+def accuracy(model: nn.Module, data: ImageSet,
              batch_size: int = 512) -> tuple[float, list[float | None]]:
     """Overall accuracy and per-class accuracy (None for classes absent from ``data``)."""
     pred = predict_logits(model, data, batch_size).argmax(1).numpy()
     correct = pred == data.labels
     per_class: list[float | None] = []
-    for c in range(model.cfg.num_classes):
+    for c in range(len(data.class_names)):
         mask = data.labels == c
         per_class.append(float(correct[mask].mean()) if mask.any() else None)
     return float(correct.mean()) if len(correct) else float("nan"), per_class
@@ -185,25 +200,34 @@ def _split(n: int, val_fraction: float, rng: np.random.Generator) -> tuple[np.nd
 def train_cnn(data: ImageSet, settings: TrainSettings = TrainSettings(),
               arch: CNNConfig | None = None, progress: bool = False,
               desc: str = "classifier") -> TrainedCNN:
-    """Train a :class:`SmallCNN` on ``data`` (only ``data``; no test set is involved).
+    """Train a :class:`SmallCNN` on ``data`` with :func:`train_classifier`."""
+    n_classes = len(data.class_names)
+    cfg = arch or CNNConfig(in_channels=data.images.shape[3], num_classes=n_classes)
+    if cfg.in_channels != data.images.shape[3] or cfg.num_classes != n_classes:
+        raise ConfigError(f"CNN config ({cfg.in_channels} channel(s), {cfg.num_classes} "
+                          f"classes) does not fit {data.source} "
+                          f"({data.images.shape[3]} channel(s), {n_classes} classes)")
+    return train_classifier(data, lambda: SmallCNN(cfg), settings, progress, desc)
+
+
+def train_classifier(data: ImageSet, make_model: Callable[[], M],
+                     settings: TrainSettings = TrainSettings(), progress: bool = False,
+                     desc: str = "classifier") -> TrainedClassifier[M]:
+    """Train the model ``make_model()`` builds on ``data`` (only ``data``; no test set is
+    involved): Adam, ``settings.epochs`` passes in a seeded random order.
 
     The epoch kept is the one with the best accuracy on the held-out slice of ``data``
-    (``settings.val_fraction``), or the last one when the slice is empty.
+    (``settings.val_fraction``), or the last one when the slice is empty. ``make_model`` is
+    called once, after ``torch.manual_seed(settings.seed)``, so the initialisation is seeded.
     """
     if len(data) == 0:
         raise DataError(f"{data.source}: cannot train a classifier on an empty set")
-    n_classes = len(data.class_names)
-    arch = arch or CNNConfig(in_channels=data.images.shape[3], num_classes=n_classes)
-    if arch.in_channels != data.images.shape[3] or arch.num_classes != n_classes:
-        raise ConfigError(f"CNN config ({arch.in_channels} channel(s), {arch.num_classes} "
-                          f"classes) does not fit {data.source} "
-                          f"({data.images.shape[3]} channel(s), {n_classes} classes)")
     start = time.perf_counter()
     rng = np.random.default_rng(settings.seed)
     train_idx, val_idx = _split(len(data), settings.val_fraction, rng)
     train, val = data.subset(train_idx), data.subset(val_idx)
     torch.manual_seed(settings.seed)
-    model = SmallCNN(arch).to(torch.device(settings.device))
+    model = make_model().to(torch.device(settings.device))
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -223,11 +247,11 @@ def train_cnn(data: ImageSet, settings: TrainSettings = TrainSettings(),
         selected = best[1]
         model.load_state_dict(best[2])
     model.eval()
-    return TrainedCNN(model, data.class_names, history, selected, len(train), len(val),
-                      time.perf_counter() - start)
+    return TrainedClassifier(model, data.class_names, history, selected, len(train), len(val),
+                             time.perf_counter() - start)
 
 
-def _train_epoch(model: SmallCNN, opt: torch.optim.Optimizer, train: ImageSet,
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: ImageSet,
                  settings: TrainSettings, rng: np.random.Generator) -> float:
     """One pass over ``train`` in a random order; returns the mean training loss."""
     dev = torch.device(settings.device)

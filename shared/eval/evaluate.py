@@ -4,7 +4,8 @@ precision/recall, following the protocol of DPDM (Dockhorn et al., TMLR 2023).
 1. Sample a class-balanced synthetic set from the base model (plus an optional adapter).
 2. Train a small CNN (:mod:`dpfl.shared.eval.cnn`) on it for a fixed number of epochs, choosing
    the epoch on a held-out slice of the synthetic set, and report accuracy on the real test
-   set. The same function on a real set gives the non-private ceiling.
+   set. The same function on a real set gives the non-private ceiling. With
+   ``classifiers="all"``, also DPImageBench's ResNet, WideResNet and ResNeXt, and their mean.
 3. Compare the synthetic set with the real test set in the feature space of a classifier
    trained once on public data only (cached as ``eval-classifier/`` beside the base model):
    Fréchet distance (overall and per class) and k-NN precision/recall
@@ -31,6 +32,7 @@ from dpfl.shared.data.readers import ImageSet, write_npz
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.edge.grid import save_grid
 from dpfl.shared.errors import ConfigError, DataError, DpflError, ModelError
+from dpfl.shared.eval.classifiers import build, parameter_count
 from dpfl.shared.eval.cnn import (
     META_FILE,
     TrainedCNN,
@@ -39,6 +41,7 @@ from dpfl.shared.eval.cnn import (
     load_classifier,
     predict_logits,
     save_classifier,
+    train_classifier,
     train_cnn,
 )
 from dpfl.shared.eval.fid import (
@@ -50,6 +53,7 @@ from dpfl.shared.eval.fid import (
     load_inception,
     precision_recall,
 )
+from dpfl.shared.eval.record import CLASSIFIER_SETS, MEAN3, mean3
 from dpfl.shared.io import atomic_write_json
 from dpfl.shared.ldm.models import LatentDiffusion, crop_center, fingerprint_modules, load_ldm
 from dpfl.shared.ldm.sampling import sample_images
@@ -115,7 +119,8 @@ def balanced_subset(data: ImageSet, per_class: int, seed: int = 0) -> ImageSet:
 # -- downstream accuracy ---------------------------------------------------------------------
 @dataclass
 class AccuracyResult:
-    """Real-test accuracy of a CNN trained on one image set (DPDM protocol)."""
+    """Real-test accuracy of a classifier (by default our CNN, DPDM protocol) trained on one
+    image set."""
 
     accuracy: float
     per_class: dict[str, float | None]
@@ -126,6 +131,8 @@ class AccuracyResult:
     test_size: int
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    classifier: str = "cnn"  # a name of dpfl.shared.eval.classifiers.CLASSIFIERS
+    parameters: int = 0  # its trainable parameters
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,17 +149,36 @@ def _check_compatible(a: ImageSet, b: ImageSet) -> None:
 
 def downstream_accuracy(train: ImageSet, test: ImageSet,
                         settings: TrainSettings = TrainSettings(),
-                        progress: bool = False) -> AccuracyResult:
-    """Train the CNN on ``train`` (synthetic or real) and score it on ``test``.
+                        progress: bool = False, classifier: str = "cnn") -> AccuracyResult:
+    """Train ``classifier`` (our CNN, or one of DPImageBench's three) on ``train`` (synthetic
+    or real) and score it on ``test``.
 
     ``test`` is used once, after training and epoch selection are finished.
     """
     _check_compatible(train, test)
-    trained = train_cnn(train, settings, progress=progress, desc="downstream CNN")
+    channels, n_classes = train.images.shape[3], len(train.class_names)
+    build(classifier, channels, n_classes)  # an unknown name fails before any training
+    trained = train_classifier(train, lambda: build(classifier, channels, n_classes), settings,
+                               progress, desc=f"downstream {classifier}")
     acc, per_class = accuracy(trained.model, test)
     return AccuracyResult(acc, dict(zip(test.class_names, per_class)), settings.epochs,
                           trained.selected_epoch, trained.train_size, trained.val_size,
-                          len(test), trained.seconds, trained.history)
+                          len(test), trained.seconds, trained.history, classifier,
+                          parameter_count(trained.model))
+
+
+def mean3_accuracy(train: ImageSet, test: ImageSet, settings: TrainSettings = TrainSettings(),
+                   progress: bool = False) -> dict[str, Any]:
+    """DPImageBench's protocol: ResNet, WideResNet and ResNeXt (:data:`MEAN3`) each trained on
+    ``train`` like the CNN, scored on ``test``; ``accuracy`` is the mean of the three."""
+    members: dict[str, dict[str, Any]] = {}
+    for name in MEAN3:
+        members[name] = downstream_accuracy(train, test, settings, progress, name).to_json()
+        log.info("%s: accuracy %.4f (epoch %d/%d chosen, %.0f s)", name,
+                 members[name]["accuracy"], members[name]["selected_epoch"], settings.epochs,
+                 members[name]["seconds"])
+    return {"accuracy": mean3({n: m["accuracy"] for n, m in members.items()}),
+            "classifiers": members}
 
 
 # -- domain feature space --------------------------------------------------------------------
@@ -235,6 +261,10 @@ class EvalConfig:
         test: the real test set (default ``fmnist:test``); the reference of every distance.
         epochs: downstream CNN epochs (>= 1, default 10); val_fraction: share of the training
             set held out to choose the epoch (0 <= f < 1, default 0.1; 0: last epoch).
+        classifiers: ``cnn`` (default): our CNN only; ``all``: also DPImageBench's ResNet,
+            WideResNet and ResNeXt (:mod:`dpfl.shared.eval.classifiers`), same epochs and
+            selection, and their mean (``mean3`` in the record); about 5-6 times the CNN's
+            training time on one CPU thread (docs/results.md).
         classifier_dir: domain classifier folder (default ``MODEL/eval-classifier``, or
             ``models/fmnist-base/eval-classifier`` without a model); trained there if absent.
         classifier_data: the PUBLIC data it is trained on (default ``fmnist:public``).
@@ -257,6 +287,7 @@ class EvalConfig:
     test: str = "fmnist:test"
     epochs: int = 10
     val_fraction: float = 0.1
+    classifiers: str = "cnn"
     classifier_dir: str | None = None
     classifier_data: str = "fmnist:public"
     classifier_epochs: int = 10
@@ -279,6 +310,9 @@ class EvalConfig:
                               "be >= 1; train_per_class and guidance >= 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.classifiers not in CLASSIFIER_SETS:
+            raise ConfigError(f"classifiers must be one of {list(CLASSIFIER_SETS)}, got "
+                              f"{self.classifiers!r}")
 
     def resolved_classifier_dir(self) -> Path:
         if self.classifier_dir:
@@ -388,6 +422,8 @@ def evaluate(cfg: EvalConfig, out_dir: str | Path, progress: bool = True) -> dic
     settings = TrainSettings(epochs=cfg.epochs, val_fraction=cfg.val_fraction, seed=cfg.seed,
                              device=device)
     record["downstream"] = downstream_accuracy(train, test, settings, progress).to_json()
+    record["mean3"] = (mean3_accuracy(train, test, settings, progress)
+                       if set(MEAN3) <= set(CLASSIFIER_SETS[cfg.classifiers]) else None)
     cdir = cfg.resolved_classifier_dir()
     classifier = domain_classifier(cdir, cfg.classifier_data,
                                    TrainSettings(epochs=cfg.classifier_epochs, device=device),
@@ -416,6 +452,10 @@ def summary_table(record: dict[str, Any]) -> str:
              f"({record['train_set']['source']})",
              f"  downstream accuracy on {record['test_set']['source']}: {d['accuracy']:.4f} "
              f"(epoch {d['selected_epoch']}/{d['epochs']}, {d['seconds']:.0f} s)",
+             *([f"  3-classifier mean (ResNet, WRN, ResNeXt): {record['mean3']['accuracy']:.4f} "
+                + "(" + ", ".join(f"{n} {m['accuracy']:.4f}"
+                                  for n, m in record["mean3"]["classifiers"].items()) + ")"]
+               if record.get("mean3") else []),
              f"  domain FD {dom['fd']:.3f}   precision {dom['precision']:.3f}   recall "
              f"{dom['recall']:.3f} (k={dom['k']})   FID "
              + (f"{fid_value:.2f}" if fid_value is not None else "- (no --inception)"),

@@ -19,6 +19,20 @@ from dpfl.shared.errors import DataError
 from dpfl.shared.io import atomic_write_json
 
 FORMAT = "dpfl-result/1"
+# DPImageBench's three classifiers (dpfl.shared.eval.classifiers): ``accuracy_mean3`` is the
+# plain mean of their real-test accuracies, each recorded in ``extra["classifiers"]``
+MEAN3 = ("resnet", "wrn", "resnext")
+# what ``--classifiers`` may choose: our CNN alone (default), or the CNN and the three
+CLASSIFIER_SETS: dict[str, tuple[str, ...]] = {"cnn": ("cnn",), "all": ("cnn", *MEAN3)}
+
+
+def mean3(accuracies: dict[str, float]) -> float:
+    """The DPImageBench number: the mean of the :data:`MEAN3` classifiers' accuracies."""
+    missing = [n for n in MEAN3 if n not in accuracies]
+    if missing:
+        raise DataError(f"the 3-classifier mean needs accuracies of {list(MEAN3)}; "
+                        f"missing {missing}")
+    return sum(float(accuracies[n]) for n in MEAN3) / len(MEAN3)
 
 
 @dataclass(frozen=True)
@@ -35,13 +49,17 @@ class ResultRecord:
         seed: seed of training, partitioning and evaluation.
         accuracy_cnn: the downstream CNN's accuracy on the real test set, a fraction in [0, 1].
         accuracy_mean3: the mean accuracy of the three DPImageBench-style classifiers (ResNet,
-            WideResNet, ResNeXt), a fraction; ``None`` until measured.
+            WideResNet, ResNeXt: :data:`MEAN3`), a fraction; ``None`` where not measured. When
+            set, ``extra["classifiers"]`` holds each one's ``accuracy`` (and ``per_class``,
+            ``selected_epoch``, ``epochs``, ``seconds``, ``parameters``) and the mean must
+            equal theirs.
         per_class: the CNN's accuracy per class name (fractions; None for an absent class).
         wall_s: wall-clock seconds of the whole row (training and evaluation).
         command: the command that reproduces the row.
         base_model_fingerprint: ``sha256:...`` of the base model's weights (its model card).
         preset, date, machine: size preset, UTC date (ISO 8601) and machine, in words.
-        extra: setting-specific measurements (e.g. reconstruction MSE, domain FD).
+        extra: setting-specific measurements (e.g. reconstruction MSE, domain FD, the
+            per-classifier results under ``classifiers``).
     """
 
     setting: str
@@ -88,9 +106,25 @@ class ResultRecord:
             raise bad("wall_s", "must be a number of seconds >= 0")
         if not str(self.base_model_fingerprint).startswith("sha256:"):
             raise bad("base_model_fingerprint", "must be 'sha256:' + hex digest")
+        self._check_mean3(where)
         if not isinstance(self.command, str) or not isinstance(self.seed, int):
             raise DataError(f"{where}: fields 'command' (a string) and 'seed' (an integer) "
                             f"got {self.command!r} and {self.seed!r}")
+
+    def _check_mean3(self, where: str) -> None:
+        members = self.extra.get("classifiers") if isinstance(self.extra, dict) else None
+        if self.accuracy_mean3 is None:
+            return
+        if not isinstance(members, dict) or not all(
+                isinstance(members.get(n), dict) and _fraction(members[n].get("accuracy"))
+                for n in MEAN3):
+            raise DataError(f"{where}: field 'accuracy_mean3' is set but extra['classifiers'] "
+                            f"does not hold an accuracy for each of {list(MEAN3)}")
+        expected = mean3({n: members[n]["accuracy"] for n in MEAN3})
+        if abs(self.accuracy_mean3 - expected) > 1e-9:
+            raise DataError(f"{where}: field 'accuracy_mean3' must be the mean of "
+                            f"extra['classifiers'] accuracies ({expected!r}), got "
+                            f"{self.accuracy_mean3!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **dataclasses.asdict(self)}
@@ -147,9 +181,18 @@ def records_table(records: list[ResultRecord]) -> str:
         lines.append("| " + " | ".join([
             r.setting, str(r.sites), num(r.epsilon, ".2f", "∞"), num(r.delta, ".1e", "-"),
             str(r.seed),
-            pct(r.accuracy_cnn), pct(r.accuracy_mean3), per, f"{r.wall_s / 60:.1f} min",
+            pct(r.accuracy_cnn), _mean3_cell(r), per, f"{r.wall_s / 60:.1f} min",
             r.base_model_fingerprint[:19], f"`{r.command}`"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean3_cell(r: ResultRecord) -> str:
+    """``89.0 % (resnet 90.1, wrn 89.2, resnext 87.7)``, or ``-`` where not measured."""
+    if r.accuracy_mean3 is None:
+        return "-"
+    members = r.extra["classifiers"]  # check() guarantees the three accuracies
+    return (f"{100 * r.accuracy_mean3:.1f} % ("
+            + ", ".join(f"{n} {100 * members[n]['accuracy']:.1f}" for n in MEAN3) + ")")
 
 
 def _number(v: Any) -> bool:
