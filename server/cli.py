@@ -23,6 +23,7 @@ from dpfl.server.experiment import SETTINGS, Experiment
 from dpfl.shared.cli import CTX, LazyCommand, fail
 from dpfl.shared.defaults import LOG_FORMAT, default_of
 from dpfl.shared.errors import DpflError
+from dpfl.shared.eval.record import CLASSIFIER_SETS
 
 
 def _threads() -> click.Option:
@@ -181,6 +182,10 @@ def _downstream_options(cfg: Callable[[str], Any]) -> list[click.Parameter]:
                      default=cfg("val_fraction"),
                      help="Share of the training set held out to pick the epoch (0: last "
                           "epoch)."),
+        click.Option(["--classifiers"], type=click.Choice(list(CLASSIFIER_SETS)),
+                     default=cfg("classifiers"),
+                     help="cnn: the downstream CNN only; all: also DPImageBench's ResNet, "
+                          "WideResNet and ResNeXt and their mean."),
         click.Option(["--classifier-dir"], type=click.Path(file_okay=False),
                      default=cfg("classifier_dir"),
                      help="Domain classifier folder, trained there on --classifier-data if "
@@ -215,16 +220,8 @@ def evaluate(out: str, threads: int, progress: bool, **kw) -> None:
                + (f" and {record['grid']}" if record["grid"] else ""))
 
 
-def _export_options() -> list[click.Parameter]:
-    from dpfl.shared.export.onnx_bundle import ExportConfig
-
-    cfg = partial(default_of, ExportConfig)
+def _privacy_options() -> list[click.Parameter]:
     return [
-        click.Option(["--adapter"], type=click.Path(file_okay=False), default=None,
-                     help="peft adapter directory to merge (from 'dpfl-client train'); none: "
-                          "base only."),
-        click.Option(["--out"], type=click.Path(file_okay=False), required=True,
-                     help="Bundle directory to write (must not exist unless --overwrite)."),
         click.Option(["--privacy"], type=click.Path(dir_okay=False), default=None,
                      help="JSON with the adapter's epsilon/delta/accountant (e.g. the accountant "
                           "state)."),
@@ -232,9 +229,35 @@ def _export_options() -> list[click.Parameter]:
                      help="Stated epsilon, when there is no --privacy file."),
         click.Option(["--delta"], type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="Stated delta, with --epsilon."),
+    ]
+
+
+def _guarantee(privacy: str | None, epsilon: float | None, delta: float | None) -> Any:
+    from dpfl.shared.privacy.guarantee import PrivacyGuarantee
+
+    if privacy and (epsilon is not None or delta is not None):
+        raise DpflError("give either --privacy FILE or --epsilon/--delta, not both")
+    return (PrivacyGuarantee.from_file(privacy) if privacy
+            else PrivacyGuarantee.from_values(epsilon, delta))
+
+
+def _export_options() -> list[click.Parameter]:
+    from dpfl.shared.export.onnx_bundle import ExportConfig
+    from dpfl.shared.ldm.lora import PRESETS as LORA_PRESETS
+
+    cfg = partial(default_of, ExportConfig)
+    return [
+        click.Option(["--adapter"], type=click.Path(file_okay=False), default=None,
+                     help="peft adapter directory to merge (from 'dpfl-client train'); none: "
+                          "base only."),
+        click.Option(["--lora-preset"], type=click.Choice(list(LORA_PRESETS)), default=None,
+                     help="Write an adapter-swappable base (no --adapter): the UNet takes the "
+                          "LoRA factors of every layer this preset adapts as inputs, so "
+                          "adapters ship alone ('export-adapter')."),
+        click.Option(["--out"], type=click.Path(file_okay=False), required=True,
+                     help="Bundle directory to write (must not exist unless --overwrite)."),
+        *_privacy_options(),
         click.Option(["--fp16"], is_flag=True, help="Also write a float16 variant."),
-        click.Option(["--int8"], is_flag=True,
-                     help="Also write an int8 (dynamic quantization) variant."),
         click.Option(["--tolerance"], type=click.FloatRange(min=0, min_open=True),
                      default=cfg("tolerance"),
                      help="Max |ONNX - torch| allowed for the fp32 UNet and decoder outputs."),
@@ -247,21 +270,18 @@ def _export_options() -> list[click.Parameter]:
 
 @main.command(cls=LazyCommand, options=_export_options, context_settings=CTX)
 @click.argument("model_dir", type=click.Path())
-def export(model_dir: str, adapter: str | None, out: str, privacy: str | None,
-           epsilon: float | None, delta: float | None, fp16: bool, int8: bool, tolerance: float,
-           image_tolerance: float, overwrite: bool) -> None:
-    """Merge an adapter into the base model and write an ONNX bundle for dpfl-sample."""
+def export(model_dir: str, adapter: str | None, lora_preset: str | None, out: str,
+           privacy: str | None, epsilon: float | None, delta: float | None, fp16: bool,
+           tolerance: float, image_tolerance: float, overwrite: bool) -> None:
+    """Write an ONNX bundle for dpfl-sample: an adapter merged into the base model, or
+    (--lora-preset) a base that takes adapters from 'export-adapter' files."""
     from dpfl.shared.export.onnx_bundle import ExportConfig, export_bundle
     from dpfl.shared.ldm.models import load_ldm
-    from dpfl.shared.privacy.guarantee import PrivacyGuarantee
 
     try:
-        if privacy and (epsilon is not None or delta is not None):
-            raise DpflError("give either --privacy FILE or --epsilon/--delta, not both")
-        guarantee = (PrivacyGuarantee.from_file(privacy) if privacy
-                     else PrivacyGuarantee.from_values(epsilon, delta))
+        guarantee = _guarantee(privacy, epsilon, delta)
         cfg = ExportConfig(tolerance=tolerance, image_tolerance=image_tolerance, fp16=fp16,
-                           int8=int8)
+                           lora_preset=lora_preset)
         path = export_bundle(load_ldm(model_dir), out, adapter_dir=adapter, privacy=guarantee,
                              config=cfg, overwrite=overwrite)
     except DpflError as exc:
@@ -274,6 +294,45 @@ def export(model_dir: str, adapter: str | None, out: str, privacy: str | None,
     click.echo(f"privacy: {meta['privacy']['status']} (eps={meta['privacy']['epsilon']}, "
                f"delta={meta['privacy']['delta']})")
     click.echo(f"wrote bundle {path}; sample it with: dpfl-sample {path} --out samples")
+
+
+def _export_adapter_options() -> list[click.Parameter]:
+    from dpfl.shared.export.lora_graph import export_adapter
+    from dpfl.shared.ldm.lora import PRESETS as LORA_PRESETS
+
+    arg = partial(default_of, export_adapter)
+    return [
+        click.Option(["--out"], type=click.Path(dir_okay=False), required=True,
+                     help="Edge adapter file to write (.safetensors)."),
+        *_privacy_options(),
+        click.Option(["--lora-preset"], type=click.Choice(list(LORA_PRESETS)),
+                     default=arg("preset"), help="The base bundle's --lora-preset."),
+        click.Option(["--tolerance"], type=click.FloatRange(min=0, min_open=True),
+                     default=arg("tolerance"),
+                     help="Max |base graph + adapter - merged UNet| allowed."),
+    ]
+
+
+@main.command("export-adapter", cls=LazyCommand, options=_export_adapter_options,
+              context_settings=CTX)
+@click.argument("model_dir", type=click.Path())
+@click.argument("adapter", type=click.Path(file_okay=False))
+def export_adapter_cmd(model_dir: str, adapter: str, out: str, privacy: str | None,
+                       epsilon: float | None, delta: float | None, lora_preset: str,
+                       tolerance: float) -> None:
+    """Write a peft adapter as one small edge adapter file (its privacy guarantee and the
+    base fingerprint inside) for 'dpfl-sample BASE_BUNDLE --adapter FILE'."""
+    from dpfl.shared.export.lora_graph import export_adapter
+    from dpfl.shared.ldm.models import load_ldm
+
+    try:
+        path = export_adapter(load_ldm(model_dir), adapter, out,
+                              privacy=_guarantee(privacy, epsilon, delta), preset=lora_preset,
+                              tolerance=tolerance)
+    except DpflError as exc:
+        fail(exc)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1024:.0f} kB); sample with: dpfl-sample "
+               f"BASE_BUNDLE --adapter {path}")
 
 
 def _simulate_options() -> list[click.Parameter]:
@@ -462,6 +521,10 @@ def certs(out: str, sites: tuple[str, ...], hosts: tuple[str, ...], overwrite: b
 @click.option("--classifier-dir", type=click.Path(file_okay=False),
               default=default_of(Experiment, "classifier_dir"),
               help="Domain classifier folder [default: BASE_MODEL/eval-classifier].")
+@click.option("--classifiers", type=click.Choice(list(CLASSIFIER_SETS)),
+              default=default_of(Experiment, "classifiers"),
+              help="cnn: our downstream CNN only; all: also DPImageBench's ResNet, WideResNet "
+                   "and ResNeXt and their mean (accuracy_mean3), about 5-6x the CNN's time.")
 @click.option("--threads", type=click.IntRange(min=0), default=0,
               help="torch CPU threads (0: torch's default).")
 def experiment(threads: int, **kw) -> None:
@@ -480,8 +543,10 @@ def experiment(threads: int, **kw) -> None:
         row = run_experiment(exp, command_line())
     except DpflError as exc:
         fail(exc)
+    mean3 = row.get("accuracy_mean3")
     click.echo(f"{row['setting']} ({row['preset']}): epsilon={row['epsilon']:.3f} "
                f"delta={row['delta']:g}  accuracy={row['accuracy']:.4f}  "
+               + (f"3-classifier mean={mean3:.4f}  " if mean3 is not None else "") +
                f"domain FD={row['domain_fd']:.3f}  {row['total_seconds'] / 60:.1f} min")
     click.echo(f"run directory: {row['run_dir']} (evaluation/, report/report.html); table: "
                f"{Path(kw['out']) / 'results.md'}")

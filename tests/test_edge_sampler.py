@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from dpfl.shared.edge.sampler import (
     EdgeBundle,
@@ -107,6 +107,30 @@ def test_dpm_solver_pp_beats_ddim_on_gaussian_data():
     exact = x_t * s / math.sqrt(a_t * s * s + 1 - a_t)
     err = {k: np.abs(solve(predict, x_t, sched, 50, k) - exact).max() for k in ("ddim", "dpmpp2m")}
     assert err["dpmpp2m"] < 0.75 * err["ddim"] and err["dpmpp2m"] < 0.05, err
+
+
+@pytest.mark.parametrize("pred, spacing", [("v_prediction", "leading"), ("epsilon", "leading"),
+                                           ("v_prediction", "trailing"),
+                                           ("v_prediction", "linspace")])
+def test_dpm_solver_pp_matches_diffusers_multistep_scheduler(pred, spacing):
+    """Same timesteps, same model: our numpy DPM-Solver++(2M) and diffusers'
+    DPMSolverMultistepScheduler (second order, first order at the last step to sigma 0)."""
+    cfg = dict(DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=pred,
+                             clip_sample=False, timestep_spacing=spacing).config)
+    steps = 12
+    dpm = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++",
+                                                  solver_order=2, lower_order_final=True,
+                                                  final_sigmas_type="zero")
+    dpm.set_timesteps(timesteps=timesteps(cfg, steps).tolist())
+
+    def model(x, t):  # smooth, t-dependent, non-linear: exercises every term of the update
+        return (np.tanh(x) * (0.3 + t / 1000) + 0.1 * np.sin(3 * x)).astype(np.float32)
+
+    x_t = np.random.default_rng(4).standard_normal((3, 4, 8, 8)).astype(np.float32)
+    x = torch.from_numpy(x_t.copy())
+    for t in dpm.timesteps:
+        x = dpm.step(torch.from_numpy(model(x.numpy(), int(t))), t, x).prev_sample
+    np.testing.assert_allclose(solve(model, x_t, cfg, steps, "dpmpp2m"), x.numpy(), atol=1e-4)
 
 
 def test_batch_size_does_not_change_images_and_labels_are_checked(lora_bundle):

@@ -66,7 +66,7 @@ def bundle(tmp_path_factory, tiny_ldm, adapter, privacy_file):
     out = tmp_path_factory.mktemp("bundle") / "b"
     return export_bundle(tiny_ldm, out, adapter_dir=adapter,
                          privacy=PrivacyGuarantee.from_file(privacy_file),
-                         config=ExportConfig(fp16=True, int8=True))
+                         config=ExportConfig(fp16=True))
 
 
 def test_merge_applies_lora_and_trained_class_embedding(tiny_ldm, adapter):
@@ -101,12 +101,13 @@ def test_bundle_is_self_describing(bundle, tiny_ldm, adapter):
     assert meta["scheduler"]["beta_schedule"] == "squaredcos_cap_v2"
     assert meta["base_fingerprint"] == tiny_ldm.fingerprint()
     assert meta["adapter"]["fingerprint"] == adapter_fingerprint(adapter)
+    assert meta["adapter_inputs"] is None  # merged: no adapter can be swapped in
     assert meta["privacy"]["status"] == "stated"
     assert (meta["privacy"]["epsilon"], meta["privacy"]["delta"]) == (3.25, 1e-5)
     assert meta["privacy"]["accountant"] == "rdp" and meta["privacy"]["steps"] == 500
     assert meta["privacy"]["format"] == "dpfl-privacy/1"
     assert meta["created"].startswith("20")
-    assert set(meta["variants"]) == {"fp32", "fp16", "int8"}
+    assert set(meta["variants"]) == {"fp32", "fp16"}
     for v in meta["variants"].values():
         for f in v["files"].values():
             onnx.checker.check_model(str(bundle / f))
@@ -207,7 +208,7 @@ def test_privacy_json_one_schema_round_trips(tmp_path):
     central = PrivacyGuarantee.from_accountant(acc, scope="s", base_fingerprint="sha256:b",
                                                examples=100)
     assert (central.epsilon, central.delta, central.accountant, central.steps) == \
-        (acc.epsilon(), 1e-5, "rdp", 500)
+        (acc.epsilon(), 1e-5, acc.kind, 500)  # the ledger's kind (prv by default)
     assert central.detail == {"history": [[1.1, 0.01, 500]], "budget": 8.0, "examples": 100}
     fed = PrivacyGuarantee.from_ledger(_Ledger(), "sha256:b")
     assert (fed.epsilon, fed.delta, fed.rounds, fed.scope) == (4.0, 1e-5, 3, SCOPE_FEDERATED)

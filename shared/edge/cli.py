@@ -1,8 +1,10 @@
 """``dpfl-sample``: synthetic images from an ONNX bundle, without torch.
 
 Only numpy, onnxruntime and Pillow are needed (``pip install -r requirements/edge.txt``
-then ``pip install --no-deps .``). Every output carries the bundle's provenance: base and
-adapter fingerprints and the privacy guarantee the adapter was trained under.
+then ``pip install --no-deps .``). ``--adapter FILE`` applies an edge adapter to an
+adapter-swappable base bundle (shipped once), refusing one made for another base. Every
+output carries the provenance: base and adapter fingerprints and the privacy guarantee the
+adapter was trained under.
 """
 
 from __future__ import annotations
@@ -46,16 +48,19 @@ def parse_classes(spec: str | None, names: Sequence[str]) -> list[int]:
 
 def provenance(bundle: EdgeBundle, cfg: SamplerConfig) -> dict[str, Any]:
     m = bundle.meta
+    adapter = bundle.adapter
     return {"bundle": str(bundle.path), "variant": bundle.variant, "created": m.get("created"),
             "base_fingerprint": m.get("base_fingerprint"),
-            "adapter_fingerprint": (m.get("adapter") or {}).get("fingerprint"),
-            "privacy": m.get("privacy"),
+            "adapter_fingerprint": bundle.adapter_fingerprint,
+            "adapter_file": None if adapter is None else str(adapter.path),
+            "adapter_created": None if adapter is None else adapter.meta.get("created"),
+            "privacy": bundle.privacy,
             "sampler": {"solver": cfg.solver, "steps": cfg.steps, "guidance": cfg.guidance,
                         "seed": cfg.seed}}
 
 
-def privacy_line(meta: dict[str, Any]) -> str:
-    p = meta.get("privacy") or {}
+def privacy_line(privacy: dict[str, Any] | None) -> str:
+    p = privacy or {}
     if p.get("status") == "stated":
         return f"(eps={p['epsilon']:.3g}, delta={p['delta']:.3g})-DP"
     return "privacy guarantee: unknown"
@@ -78,7 +83,7 @@ def write_outputs(images: np.ndarray, labels: np.ndarray, bundle: EdgeBundle, ou
         written.append(save_grid(images, out / "grid.png", nrow=per_class,
                                  row_labels=[names[c] for c in rows],
                                  title=f"{prov['sampler']['steps']} {prov['sampler']['solver']} "
-                                       f"steps, {privacy_line(bundle.meta)}"))
+                                       f"steps, {privacy_line(bundle.privacy)}"))
     if pngs:
         info = PngInfo()
         info.add_text("dpfl-provenance", json.dumps(prov))
@@ -94,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = partial(default_of, SamplerConfig)
     ap = argparse.ArgumentParser(prog="dpfl-sample", description=__doc__.split("\n")[0])
     ap.add_argument("bundle", help="bundle directory written by 'dpfl-server export'")
+    ap.add_argument("--adapter", default=None,
+                    help="edge adapter file ('dpfl-server export-adapter') to apply to an "
+                         "adapter-swappable base bundle [none: the bundle's own weights]")
     ap.add_argument("--out", default="samples", help="output directory [%(default)s]")
     ap.add_argument("--variant", default=default_of(EdgeBundle.load, "variant"),
-                    help="fp32, fp16 or int8 [%(default)s]")
+                    help="fp32 or fp16 (when exported) [%(default)s]")
     ap.add_argument("--classes", default=None, help="comma list of indices or names [all]")
     ap.add_argument("--count", type=int, default=8, help="images per class [%(default)s]")
     ap.add_argument("--steps", type=int, default=cfg("steps"), help="solver steps [%(default)s]")
@@ -121,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--count must be >= 1, got {args.count}")
         cfg = SamplerConfig(steps=args.steps, guidance=args.guidance, solver=args.solver,
                             seed=args.seed, batch_size=args.batch_size)
-        bundle = EdgeBundle.load(args.bundle, variant=args.variant, threads=args.threads)
+        bundle = EdgeBundle.load(args.bundle, variant=args.variant, threads=args.threads,
+                                 adapter=args.adapter)
         classes = parse_classes(args.classes, bundle.class_names)
         labels = np.repeat(np.array(classes, dtype=np.int64), args.count)
         t0 = time.perf_counter()
@@ -134,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dpfl-sample: error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(labels)} images in {dt:.2f}s ({len(labels) / dt:.1f} images/s), "
-          f"{privacy_line(bundle.meta)}")
+          f"{privacy_line(bundle.privacy)}")
     for p in written:
         print(f"wrote {p}")
     return 0

@@ -33,7 +33,7 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int, scale: int = 2,
 
     grid = make_grid(to_uint8(images), nrow)
     im = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
-    im = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST)
+    im = im.convert("RGB").resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     left = 90 if row_labels else 0
     top = 18 if title else 0
     canvas = Image.new("RGB", (im.width + left, im.height + top), "white")

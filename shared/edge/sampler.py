@@ -1,15 +1,19 @@
 """Torch-free sampling from an ONNX bundle (see :mod:`dpfl.shared.export.onnx_bundle`).
 
 numpy + onnxruntime + Pillow only: nothing here (or in what it imports) may import torch,
-so a device needs neither torch nor diffusers. Solvers, for a v- or epsilon-predicting
-model with classifier-free guidance as two passes (Ho & Salimans, 2022):
+so a device needs neither torch nor diffusers. Classifier-free guidance (Ho & Salimans,
+2022) runs the conditional and unconditional halves as one batch of 2N through one UNet call,
+on buffers bound once (onnxruntime IO binding); an edge adapter
+(:mod:`dpfl.shared.edge.adapter`) is bound once too. Solvers, for a v- or epsilon-predicting
+model:
 
 - ``ddim``: deterministic DDIM, eta = 0 (Song, Meng & Ermon, "Denoising Diffusion Implicit
   Models", ICLR 2021), the same update and timesteps as diffusers' ``DDIMScheduler``, so the
   output matches :func:`dpfl.shared.ldm.diffusion.ddim_sample` from the same noise.
 - ``dpmpp2m``: DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et
   al., "DPM-Solver++", 2022), first order at the first and the final step; on the same
-  timesteps as DDIM.
+  timesteps as DDIM. It matches diffusers' ``DPMSolverMultistepScheduler`` (``solver_order=2``,
+  ``lower_order_final``, ``final_sigmas_type="zero"``) given the same timesteps.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from dpfl.shared.errors import ConfigError, ModelError
+from dpfl.shared.edge.adapter import EdgeAdapter
+from dpfl.shared.errors import ConfigError, IncompatibleAdapter, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,8 @@ class SamplerConfig:
     """Sampling settings.
 
     Attributes:
-        steps: int, default 50, 1..num_train_timesteps. Solver steps (model calls per image
-            are ``steps``, doubled when ``guidance != 1``).
+        steps: int, default 50, 1..num_train_timesteps. Solver steps: UNet calls per batch
+            (each on 2x the images when ``guidance != 1``).
         guidance: float, default 1.0, >= 0. Classifier-free guidance scale; 1 is plain
             conditional sampling, larger values push samples toward their class.
         solver: "ddim" (default) or "dpmpp2m".
@@ -99,7 +104,7 @@ def timesteps(sched: dict[str, Any], steps: int) -> np.ndarray:
     spacing = sched.get("timestep_spacing", "leading")
     offset = int(sched.get("steps_offset", 0))
     if spacing == "leading":
-        ts = (np.arange(steps) * (n // steps)).round()[::-1] + offset
+        ts: np.ndarray = (np.arange(steps) * (n // steps)).round()[::-1] + offset
     elif spacing == "trailing":
         ts = np.round(np.arange(n, 0, -n / steps)) - 1
     elif spacing == "linspace":
@@ -132,7 +137,10 @@ def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
     prev_x0, prev_h = None, None
     ts = timesteps(sched, steps)
     for i, t in enumerate(ts):
-        prev_t = int(t) - n // steps
+        if solver == "ddim":  # diffusers' DDIMScheduler.step, whatever the spacing
+            prev_t = int(t) - n // steps
+        else:  # the next timestep; the last step goes to sigma 0 (diffusers' final "zero")
+            prev_t = int(ts[i + 1]) if i + 1 < len(ts) else -1
         a_t = float(acp[t])
         a_prev = float(acp[prev_t]) if prev_t >= 0 else final
         x0, eps = _x0_eps(predict(x.astype(np.float32), int(t)).astype(np.float64), x, a_t, pred)
@@ -147,7 +155,7 @@ def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
             continue
         h = 0.5 * math.log(a_prev / (1 - a_prev)) - lam_t
         d = x0
-        if prev_x0 is not None and i < len(ts) - 1:
+        if prev_x0 is not None and prev_h is not None and i < len(ts) - 1:
             r = prev_h / h
             d = (1 + 0.5 / r) * x0 - (0.5 / r) * prev_x0
         x = (math.sqrt((1 - a_prev) / (1 - a_t)) * x
@@ -158,42 +166,64 @@ def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
 
 # -- bundle -------------------------------------------------------------------------------
 
+def session_options(threads: int = 0) -> Any:
+    """onnxruntime settings of every sampler session: all graph optimisations (constant
+    folding, fusions, the NCHWc convolution layout), ``threads`` intra-op threads (0: one per
+    core), one inter-op thread and sequential execution (a UNet has no parallel branches
+    worth a second pool), the memory arena and memory-pattern planning on."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = max(0, int(threads))
+    opts.enable_cpu_mem_arena = True
+    opts.enable_mem_pattern = True
+    return opts
+
+
 @dataclass(frozen=True)
 class EdgeBundle:
-    """An opened ONNX bundle: its metadata and one onnxruntime session per graph."""
+    """An opened ONNX bundle: its metadata, one onnxruntime session per graph and, for an
+    adapter-swappable base bundle, the edge adapter applied to it (None: the base model)."""
 
     path: Path
     meta: dict[str, Any]
     variant: str
     unet: Any
     decoder: Any
+    adapter: EdgeAdapter | None = None
 
     @classmethod
-    def load(cls, path: str | Path, variant: str = "fp32", threads: int = 0) -> EdgeBundle:
+    def load(cls, path: str | Path, variant: str = "fp32", threads: int = 0,
+             adapter: str | Path | None = None) -> EdgeBundle:
         import onnxruntime as ort
 
         p = Path(path)
-        f = p / BUNDLE_FILE
-        if not f.is_file():
-            raise ModelError(f"{p} is not an ONNX bundle (no {BUNDLE_FILE}); make one with "
-                             "'dpfl-server export'")
-        meta = json.loads(f.read_text(encoding="utf-8"))
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise ModelError(f"{f} has format {meta.get('format')!r}, this sampler reads "
-                             f"{BUNDLE_FORMAT!r}; re-export with a matching dpfl version")
+        meta = read_meta(p)
         variants = meta.get("variants", {})
         if variant not in variants:
             raise ModelError(f"bundle {p} has no {variant!r} variant; available: "
                              f"{sorted(variants)}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+        opened = EdgeAdapter.load(adapter) if adapter is not None else None
+        if opened is not None and not meta.get("adapter_inputs"):
+            raise IncompatibleAdapter(
+                f"bundle {p} has its adapter merged in (or is a plain base export) and takes no "
+                "adapter inputs; export the base with 'dpfl-server export BASE --lora-preset "
+                "PRESET' and ship that once")
         files = variants[variant]["files"]
+        opts = session_options(threads)
         sessions = [ort.InferenceSession(str(p / files[k]), opts,
                                          providers=["CPUExecutionProvider"])
                     for k in ("unet", "decoder")]
-        return cls(p, meta, variant, *sessions)
+        if opened is not None:
+            # inputs with a default are "overridable initializers" to onnxruntime
+            args = [*sessions[0].get_inputs(), *sessions[0].get_overridable_initializers()]
+            inputs = {i.name: list(i.shape) for i in args}
+            opened.check_fits(meta.get("base_fingerprint"), inputs)
+        return cls(p, meta, variant, sessions[0], sessions[1], adapter=opened)
 
     @property
     def class_names(self) -> list[str]:
@@ -207,23 +237,65 @@ class EdgeBundle:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.meta["latent"]["shape"])
 
+    @property
+    def privacy(self) -> dict[str, Any] | None:
+        """The guarantee of the weights in use: the adapter's when one is applied."""
+        return self.adapter.meta["privacy"] if self.adapter else self.meta.get("privacy")
 
-def _guided(bundle: EdgeBundle, labels: np.ndarray, guidance: float) -> Predict:
-    n = labels.shape[0]
-    null = np.full_like(labels, bundle.null_class)
-    both = np.concatenate([labels, null])
+    @property
+    def adapter_fingerprint(self) -> str | None:
+        if self.adapter is not None:
+            return self.adapter.fingerprint
+        return (self.meta.get("adapter") or {}).get("fingerprint")
 
-    def predict(x: np.ndarray, t: int) -> np.ndarray:
-        if guidance == 1.0:
-            feed = {"sample": x, "timestep": np.full(n, t, np.int64), "class_labels": labels}
-            return bundle.unet.run(None, feed)[0]
-        feed = {"sample": np.concatenate([x, x]), "timestep": np.full(2 * n, t, np.int64),
-                "class_labels": both}
-        out = bundle.unet.run(None, feed)[0]
+
+def read_meta(path: Path) -> dict[str, Any]:
+    f = path / BUNDLE_FILE
+    if not f.is_file():
+        raise ModelError(f"{path} is not an ONNX bundle (no {BUNDLE_FILE}); make one with "
+                         "'dpfl-server export'")
+    meta: dict[str, Any] = json.loads(f.read_text(encoding="utf-8"))
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ModelError(f"{f} has format {meta.get('format')!r}, this sampler reads "
+                         f"{BUNDLE_FORMAT!r}; re-export with a matching dpfl version")
+    return meta
+
+
+class GuidedUNet:
+    """``predict(x, t)`` for N images: one UNet call on preallocated buffers.
+
+    With ``guidance != 1`` the batch is 2N rows, conditional labels then the null class,
+    both halves on the same ``x``, and the result ``uncond + guidance * (cond - uncond)``.
+    Inputs are onnxruntime values made once over numpy buffers that each step overwrites in
+    place (the adapter's too, made once). Not IO binding: it cannot bind the adapter inputs,
+    which onnxruntime counts as overridable initializers.
+    """
+
+    def __init__(self, bundle: EdgeBundle, labels: np.ndarray, guidance: float) -> None:
+        from onnxruntime import OrtValue
+
+        self.n, self.guidance = labels.shape[0], float(guidance)
+        both = self.guidance != 1.0
+        y = np.concatenate([labels, np.full_like(labels, bundle.null_class)]) if both else labels
+        self.x = np.zeros((y.shape[0], *bundle.latent_shape), np.float32)
+        self.t = np.zeros(y.shape[0], np.int64)
+        self.y = np.ascontiguousarray(y, dtype=np.int64)
+        self.session = bundle.unet
+        feeds = {"sample": self.x, "timestep": self.t, "class_labels": self.y,
+                 **(bundle.adapter.tensors if bundle.adapter else {})}
+        self.values = {k: OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+
+    def __call__(self, x: np.ndarray, t: int) -> np.ndarray:
+        n = self.n
+        self.x[:n] = x
+        if self.x.shape[0] > n:
+            self.x[n:] = x
+        self.t.fill(t)
+        out = self.session.run_with_ort_values(["out"], self.values)[0].numpy()
+        if self.x.shape[0] == n:
+            return out
         cond, uncond = out[:n], out[n:]
-        return uncond + guidance * (cond - uncond)
-
-    return predict
+        return uncond + self.guidance * (cond - uncond)
 
 
 def check_labels(bundle: EdgeBundle, labels: np.ndarray) -> np.ndarray:
@@ -254,7 +326,7 @@ def sample_images(bundle: EdgeBundle, labels: np.ndarray, config: SamplerConfig,
     sched = bundle.meta["scheduler"]
     for s in range(0, labels.shape[0], config.batch_size):
         y = labels[s:s + config.batch_size]
-        z = solve(_guided(bundle, y, config.guidance), noise[s:s + config.batch_size], sched,
-                  config.steps, config.solver)
+        z = solve(GuidedUNet(bundle, y, config.guidance), noise[s:s + config.batch_size],
+                  sched, config.steps, config.solver)
         out.append(bundle.decoder.run(None, {"latents": z})[0])
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 1), np.float32)
