@@ -43,7 +43,7 @@ def tiny_sites(tmp, base, **site):
     return sites
 
 
-def _run(args, timeout=420):
+def _run(args, timeout=900):
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     proc = subprocess.run([sys.executable, "-m", "tests.fed_scenario", json.dumps(args)],
