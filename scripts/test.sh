@@ -12,13 +12,18 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # shared/federation (both configured in pyproject.toml)
 ruff check --no-cache .
 mypy --no-incremental
-# Two phases. First every module but the fault test on two pytest-xdist workers
-# (DPFL_TEST_WORKERS; one torch thread each, and much of the suite waits on real processes:
-# SuperLink, SuperNodes, Ray), each module on one worker, slowest first (tests/conftest.py).
-# Then tests/test_faults.py alone: its kill points wait on real rounds, and a second worker's
-# load would stretch them past its deadline.
+workers="${DPFL_TEST_WORKERS:-1}"
+if [ "$workers" = 1 ]; then
+  exec python -m pytest -q -p no:cacheprovider --durations=30 tests "$@"
+fi
+# DPFL_TEST_WORKERS > 1 (opt-in): every module but the fault test on that many pytest-xdist
+# workers, each module on one worker, slowest first (tests/conftest.py), then
+# tests/test_faults.py alone (a second worker's load stretches its kill points past its
+# deadline). Not the default: on 2 cores under that load the coordinator's flwr SuperExec
+# died once on a SQLite "database is locked" error and the SuperLink never restarted it
+# (docs/operations.md, "Known limits").
 set +e
-python -m pytest -q -p no:cacheprovider --durations=25 -n "${DPFL_TEST_WORKERS:-2}" \
+python -m pytest -q -p no:cacheprovider --durations=25 -n "$workers" \
   --dist loadfile --no-loadscope-reorder --ignore tests/test_faults.py tests "$@"
 first=$?
 python -m pytest -q -p no:cacheprovider --durations=5 tests/test_faults.py "$@"
