@@ -168,11 +168,14 @@ def test_table_is_recomputed_from_the_record_files(tmp_path):
     from dpfl.shared.eval.record import read_records, records_table
 
     _record().write(tmp_path / "b.json")
+    members = {"resnet": {"accuracy": 0.69}, "wrn": {"accuracy": 0.72},
+               "resnext": {"accuracy": 0.69}}
     _record(setting="federated", sites=3, epsilon=9.99, delta=2.1e-6, accuracy_cnn=0.748,
-            accuracy_mean3=0.7).write(tmp_path / "a.json")
+            accuracy_mean3=(0.69 + 0.72 + 0.69) / 3, extra={"classifiers": members}
+            ).write(tmp_path / "a.json")
     lines = records_table(read_records(tmp_path)).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| federated | 3 | 9.99 | 2.1e-06 | 0 |")
-    assert "| 74.8 % | 70.0 % | Coat 67 |" in lines[2]
+    assert "| 74.8 % | 70.0 % (resnet 69.0, wrn 72.0, resnext 69.0) | Coat 67 |" in lines[2]
     assert "| ae-ceiling | 1 | ∞ | - | 0 | 83.3 % | - |" in lines[3]
     (tmp_path / "c.json").write_text("{}")
     with pytest.raises(DataError, match="c.json"):
