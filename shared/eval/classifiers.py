@@ -75,6 +75,20 @@ def _init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _stem_and_stages(in_channels: int, stem: int, widths: tuple[int, ...], blocks: int,
+                     block: Callable[[int, int, int], nn.Module]) -> tuple[nn.Sequential, int]:
+    """conv3x3-BN-ReLU stem to ``stem`` channels, then one stage per width of ``blocks``
+    blocks (``block(cin, cout, stride)``, stride :data:`STAGE_STRIDES` entering each stage),
+    global average pooling; returns the body and its output width."""
+    layers: list[nn.Module] = [_conv3(in_channels, stem), nn.BatchNorm2d(stem), nn.ReLU()]
+    cin = stem
+    for i, w in enumerate(widths):
+        for b in range(blocks):
+            layers.append(block(cin, w, STAGE_STRIDES[i] if b == 0 else 1))
+            cin = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), cin
+
+
 def _check(in_channels: int, num_classes: int) -> None:
     if in_channels < 1 or num_classes < 2:
         raise ConfigError(f"a classifier needs in_channels >= 1 and num_classes >= 2, got "
@@ -105,15 +119,8 @@ class ResNet(nn.Module):
                  widths: tuple[int, int, int] = (16, 32, 64)):
         super().__init__()
         _check(in_channels, num_classes)
-        layers: list[nn.Module] = [_conv3(in_channels, widths[0]), nn.BatchNorm2d(widths[0]),
-                                   nn.ReLU()]
-        cin = widths[0]
-        for i, w in enumerate(widths):
-            for b in range(blocks):
-                layers.append(BasicBlock(cin, w, STAGE_STRIDES[i] if b == 0 else 1))
-                cin = w
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(cin, num_classes)
+        self.body, cout = _stem_and_stages(in_channels, widths[0], widths, blocks, BasicBlock)
+        self.head = nn.Linear(cout, num_classes)
         _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,15 +204,10 @@ class ResNeXt(nn.Module):
                  widths: tuple[int, int, int] = (32, 64, 128), cardinality: int = 4):
         super().__init__()
         _check(in_channels, num_classes)
-        layers: list[nn.Module] = [_conv3(in_channels, 16), nn.BatchNorm2d(16), nn.ReLU()]
-        cin = 16
-        for i, w in enumerate(widths):
-            for b in range(blocks):
-                layers.append(NeXtBlock(cin, w, STAGE_STRIDES[i] if b == 0 else 1, cardinality,
-                                        w // 2))
-                cin = w
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(cin, num_classes)
+        self.body, cout = _stem_and_stages(
+            in_channels, 16, widths, blocks,
+            lambda cin, w, stride: NeXtBlock(cin, w, stride, cardinality, w // 2))
+        self.head = nn.Linear(cout, num_classes)
         _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
