@@ -1,8 +1,8 @@
 """Edge adapters: a fine-tuned LoRA adapter as one small file that a device applies to the
 base bundle it already holds, instead of receiving a whole merged UNet again.
 
-The file is safetensors (8-byte little-endian header length, a JSON header, raw data;
-no code objects), read here with numpy alone so a device needs no ``safetensors`` package.
+The file is safetensors (a JSON header and raw data; no code objects), read with the
+safetensors library's numpy side, so a device needs no torch.
 It holds only float32 tensors named after the base graph's adapter inputs (see
 :mod:`dpfl.shared.export.lora_graph`):
 
@@ -23,7 +23,6 @@ numpy only: never imports torch.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ ADAPTER_SUFFIX = ".safetensors"
 LORA_PREFIX = "lora."
 CLASS_EMBEDDING_INPUT = "class_embedding"
 JSON_FIELDS = ("privacy", "adapter_config", "parity")  # metadata values that hold JSON
-MAX_HEADER = 16 << 20  # bytes; a real header is a few kB
 
 
 @dataclass(frozen=True)
@@ -50,14 +48,20 @@ class EdgeAdapter:
 
     @classmethod
     def load(cls, path: str | Path) -> EdgeAdapter:
+        """Read with the safetensors library's numpy side (no torch); everything in the file
+        is checked before use: the metadata, float32 dtype, finite values."""
+        from safetensors import SafetensorError, safe_open
+
         p = Path(path)
+        if not p.is_file():
+            raise IncompatibleAdapter(f"cannot read adapter file {p}: no such file")
         try:
-            raw = p.read_bytes()
-        except OSError as exc:
-            raise IncompatibleAdapter(f"cannot read adapter file {p}: {exc}") from exc
-        header, data = _split(raw, p)
-        meta = _metadata(header.pop("__metadata__", None), p)
-        tensors = {name: _tensor(name, entry, data, p) for name, entry in header.items()}
+            with safe_open(str(p), framework="np") as f:
+                meta = _metadata(f.metadata(), p)
+                tensors = {name: _tensor(name, f.get_tensor(name), p) for name in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise IncompatibleAdapter(f"{p} is not a readable safetensors adapter file: "
+                                      f"truncated or corrupt ({exc})") from exc
         if not tensors:
             raise IncompatibleAdapter(f"adapter file {p} holds no tensors")
         return cls(p, tensors, meta)
@@ -106,21 +110,6 @@ def _rank(name: str, arr: np.ndarray, up: bool = False) -> int:
     return int(arr.shape[0] if conv else arr.shape[1])
 
 
-def _split(raw: bytes, p: Path) -> tuple[dict[str, Any], memoryview]:
-    if len(raw) < 8:
-        raise IncompatibleAdapter(f"{p} is not a safetensors adapter file (too short)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if not 2 <= n <= min(MAX_HEADER, len(raw) - 8):
-        raise IncompatibleAdapter(f"{p} is not a safetensors adapter file (header length {n})")
-    try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IncompatibleAdapter(f"{p}: unreadable safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise IncompatibleAdapter(f"{p}: the safetensors header is not a JSON object")
-    return header, memoryview(raw)[8 + n:]
-
-
 def _metadata(meta: Any, p: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
@@ -141,21 +130,10 @@ def _metadata(meta: Any, p: Path) -> dict[str, Any]:
     return out
 
 
-def _tensor(name: str, entry: Any, data: memoryview, p: Path) -> np.ndarray:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
-    except (TypeError, KeyError, ValueError) as exc:
-        raise IncompatibleAdapter(f"{p}: malformed header entry for {name!r}") from exc
-    if dtype != "F32":
-        raise IncompatibleAdapter(f"{p}: tensor {name!r} is {dtype}; edge adapters are float32")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise IncompatibleAdapter(f"{p}: tensor {name!r} has an invalid shape {shape}")
-    count = int(np.prod(shape, dtype=np.int64))
-    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= len(data)
-            and end - begin == 4 * count):
-        raise IncompatibleAdapter(f"{p}: tensor {name!r} has data offsets {[begin, end]} that do "
-                                  f"not fit its shape {shape} or the file (truncated?)")
-    arr = np.frombuffer(data[begin:end], dtype="<f4").reshape(shape).astype(np.float32)
+def _tensor(name: str, arr: np.ndarray, p: Path) -> np.ndarray:
+    if arr.dtype != np.float32:
+        raise IncompatibleAdapter(f"{p}: tensor {name!r} is {arr.dtype}; edge adapters are "
+                                  "float32")
     if not np.isfinite(arr).all():
         raise IncompatibleAdapter(f"{p}: tensor {name!r} holds non-finite values (NaN/inf)")
     return np.ascontiguousarray(arr)
