@@ -6,9 +6,18 @@ twice: merged into one UNet (``dpfl-server export --adapter``) and as an adapter
 base plus a small edge adapter file (``--lora-preset`` + ``export-adapter``). The variants
 sample the same images (same noise, DDIM, steps, guidance, batch, threads):
 
-``torch``     ``ddim_sample`` + decode on the merged torch UNet (eager)
+``torch``     ``ddim_sample`` + decode on the merged torch UNet (eager), the model's scheduler
+``torch-trailing`` the same with trailing spacing (a fairer quality baseline for ``fast``)
 ``merged``    ONNX sampler, merged bundle
 ``adapter``   ONNX sampler, base bundle + edge adapter
+``fast``      ONNX sampler, base bundle + edge adapter, UniPC (bh2, order 2) with trailing
+              spacing and ``--fast-steps`` UNet calls (the on-device setting)
+
+The first three take ``--steps`` DDIM steps and give the same images (parity). ``fast``
+gives other images, so it is judged by quality: every variant's mean |image - reference|,
+where the reference is the same adapter sampled by DDIM at ``--ref-steps`` with trailing
+spacing (the ODE solved finely from t = 999). ``fast`` counts only if its error is no larger
+than both torch variants' (``fast_equal_quality``).
 
 Each variant runs in its own fresh process, ``--rounds`` times in turn, and the best round
 counts (the machine may be shared). ``images_per_cpu_s`` (images per CPU second, all
@@ -33,6 +42,7 @@ import time
 from pathlib import Path
 
 ONNX_VARIANTS = ("merged", "adapter")
+FAST_SOLVER, FAST_SPACING = "unipc", "trailing"
 
 
 def _peak_rss_mb() -> float:
@@ -62,9 +72,12 @@ def _torch_run(args: argparse.Namespace, noise):
     unet = merge_adapter(ldm, Path(args.work) / "lora")
     y = torch.arange(args.batch) % ldm.spec.num_classes
     z0 = torch.from_numpy(noise)
+    sched = ldm.scheduler
+    if args.worker == "torch-trailing":
+        sched = type(sched).from_config(sched.config, timestep_spacing=FAST_SPACING)
 
     def run():
-        z = ddim_sample(unet, ldm.scheduler, y, ldm.latent_shape, ldm.spec.null_class,
+        z = ddim_sample(unet, sched, y, ldm.latent_shape, ldm.spec.null_class,
                         steps=args.steps, guidance=args.guidance, initial_noise=z0)
         return ldm.decode(z).numpy()
     return run
@@ -75,19 +88,28 @@ def worker(args: argparse.Namespace) -> dict:
 
     work = Path(args.work)
     noise = np.load(work / "noise.npy", allow_pickle=False)
-    if args.worker == "torch":
+    if args.worker.startswith("torch"):
         run = _torch_run(args, noise)
     else:
         from dpfl.shared.edge.sampler import EdgeBundle, SamplerConfig, sample_images
 
-        adapter = work / "site.safetensors" if args.worker == "adapter" else None
+        adapter = work / "site.safetensors" if args.worker != "merged" else None
         bundle = EdgeBundle.load(work / ("base" if adapter else "merged"),
                                  threads=args.threads, adapter=adapter)
         cfg = SamplerConfig(steps=args.steps, guidance=args.guidance, batch_size=args.batch)
+        if args.worker == "fast":
+            cfg = SamplerConfig(steps=args.fast_steps, guidance=args.guidance,
+                                batch_size=args.batch, solver=FAST_SOLVER, spacing=FAST_SPACING)
+        elif args.worker == "reference":
+            cfg = SamplerConfig(steps=args.ref_steps, guidance=args.guidance,
+                                batch_size=args.batch, spacing=FAST_SPACING)
         labels = np.arange(args.batch) % len(bundle.class_names)
 
         def run():
             return sample_images(bundle, labels, cfg, initial_noise=noise)
+    if args.worker == "reference":  # not timed
+        np.save(work / "images-reference.npy", run())
+        return {}
     sec, cpu, images = _timed(run, args.repeats)
     np.save(work / f"images-{args.worker}.npy", images)
     return {"images_per_s": args.batch / sec, "seconds_per_batch": sec,
@@ -142,7 +164,8 @@ def prepare(args: argparse.Namespace, work: Path) -> dict:
 def _spawn(args: argparse.Namespace, mode: str, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--work", str(work)]
     cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-            ("preset", "batch", "steps", "guidance", "threads", "repeats")]
+            ("preset", "batch", "steps", "guidance", "threads", "repeats", "fast_steps",
+              "ref_steps")]
     cmd += [f"--model={args.model}"] if args.model else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -160,6 +183,16 @@ def _parity(work: Path) -> dict:
     return out
 
 
+def _quality(work: Path) -> dict:
+    """Mean |image - reference| of every variant (lower is closer to the solved ODE)."""
+    import numpy as np
+
+    ref = np.load(work / "images-reference.npy", allow_pickle=False).astype(np.float64)
+    return {m: round(float(np.abs(np.load(work / f"images-{m}.npy", allow_pickle=False)
+                                  - ref).mean()), 4)
+            for m in ("torch", "torch-trailing", *ONNX_VARIANTS, "fast")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="fmnist", choices=["tiny", "fmnist"])
@@ -167,6 +200,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--fast-steps", type=int, default=10,
+                    help="UNet calls of the fast variant (UniPC, trailing)")
+    ap.add_argument("--ref-steps", type=int, default=200,
+                    help="DDIM steps (trailing) of the quality reference")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="timed batches per round")
     ap.add_argument("--rounds", type=int, default=2, help="fresh processes per variant")
@@ -182,11 +219,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         sizes = prepare(args, work)
-        rounds: dict[str, list[dict]] = {m: [] for m in ("torch", *ONNX_VARIANTS)}
+        rounds: dict[str, list[dict]] = {
+            m: [] for m in ("torch", "torch-trailing", *ONNX_VARIANTS, "fast")}
         for _ in range(args.rounds):
             for mode in rounds:
                 rounds[mode].append(_spawn(args, mode, work))
-        parity = _parity(work)
+        _spawn(args, "reference", work)
+        parity, quality = _parity(work), _quality(work)
     best = {m: max(r, key=lambda x: x["images_per_s"]) for m, r in rounds.items()}
     torch_ips = best["torch"]["images_per_s"]
     print(json.dumps({
@@ -198,10 +237,14 @@ def main() -> None:
                              for m, r in rounds.items()},
         "peak_rss_mb": {m: round(b["peak_rss_mb"]) for m, b in best.items()},
         "speedup_vs_torch": {m: round(best[m]["images_per_s"] / torch_ips, 2)
-                             for m in ONNX_VARIANTS},
+                             for m in (*ONNX_VARIANTS, "fast")},
         "cpu_speedup_vs_torch": {m: round(max(x["images_per_cpu_s"] for x in rounds[m])
                                           / max(x["images_per_cpu_s"] for x in rounds["torch"]), 2)
-                                 for m in ONNX_VARIANTS},
+                                 for m in (*ONNX_VARIANTS, "fast")},
+        "fast": {"solver": FAST_SOLVER, "spacing": FAST_SPACING, "steps": args.fast_steps},
+        "error_vs_reference": quality, "reference_ddim_trailing_steps": args.ref_steps,
+        "fast_equal_quality": quality["fast"] <= min(quality["torch"],
+                                                     quality["torch-trailing"]),
         "all_rounds_images_per_s": {m: [round(x["images_per_s"], 2) for x in r]
                                     for m, r in rounds.items()},
         "torch_imported": {m: b["torch_imported"] for m, b in best.items()},

@@ -11,7 +11,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
 
 from dpfl.shared.edge.sampler import (
     EdgeBundle,
@@ -71,6 +76,28 @@ def test_matches_torch_ddim_and_decode_from_same_noise(lora_bundle, tiny_ldm, gu
                         initial_noise=noise.numpy())
     assert got.shape == ref.shape == (4, 1, 28, 28)
     assert np.abs(got - ref).max() < IMAGE_ATOL
+
+
+def test_spacing_option_matches_torch_with_that_spacing(lora_bundle, tiny_ldm):
+    """``spacing="trailing"`` samples what diffusers' DDIM gives with a trailing scheduler,
+    and differs from the bundle's own (leading) spacing; unknown spacings are refused."""
+    path, merged = lora_bundle
+    labels = torch.tensor([2, 7])
+    noise = torch.randn(2, *tiny_ldm.latent_shape, generator=torch.Generator().manual_seed(3))
+    trailing = DDPMScheduler.from_config(tiny_ldm.scheduler.config, timestep_spacing="trailing")
+    z = ddim_sample(merged, trailing, labels, tiny_ldm.latent_shape, tiny_ldm.spec.null_class,
+                    steps=5, guidance=2.0, initial_noise=noise)
+    bundle = EdgeBundle.load(path)
+    assert bundle.meta["scheduler"]["timestep_spacing"] == "leading"
+    got = sample_images(bundle, labels.numpy(), SamplerConfig(steps=5, guidance=2.0,
+                                                              spacing="trailing"),
+                        initial_noise=noise.numpy())
+    assert np.abs(got - tiny_ldm.decode(z).numpy()).max() < IMAGE_ATOL
+    own = sample_images(bundle, labels.numpy(), SamplerConfig(steps=5, guidance=2.0),
+                        initial_noise=noise.numpy())
+    assert np.abs(got - own).max() > 100 * IMAGE_ATOL
+    with pytest.raises(ConfigError, match="spacing 'uniform'"):
+        SamplerConfig(spacing="uniform")
 
 
 def test_epsilon_prediction_model_matches_torch(tmp_path):
@@ -133,6 +160,54 @@ def test_dpm_solver_pp_matches_diffusers_multistep_scheduler(pred, spacing):
     np.testing.assert_allclose(solve(model, x_t, cfg, steps, "dpmpp2m"), x.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("pred, betas", [("v_prediction", "squaredcos_cap_v2"),
+                                         ("epsilon", "linear"), ("sample", "scaled_linear")])
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+def test_unipc_matches_diffusers_unipc_scheduler(pred, betas, steps):
+    """Our numpy UniPC (bh2, order 2, predictor + corrector) and diffusers'
+    UniPCMultistepScheduler, trailing spacing (where its timesteps equal DDIM's)."""
+    cfg = dict(DDIMScheduler(beta_schedule=betas, prediction_type=pred, clip_sample=False,
+                             timestep_spacing="trailing").config)
+    uni = UniPCMultistepScheduler.from_config(cfg, solver_order=2, final_sigmas_type="zero")
+    uni.set_timesteps(steps)
+    np.testing.assert_array_equal(uni.timesteps.numpy(), timesteps(cfg, steps))
+
+    def model(x, t):
+        return (np.tanh(x) * (0.3 + t / 1000) + 0.1 * np.sin(3 * x)).astype(np.float32)
+
+    x_t = np.random.default_rng(4).standard_normal((3, 4, 8, 8)).astype(np.float32)
+    x = torch.from_numpy(x_t.copy())
+    for t in uni.timesteps:
+        x = uni.step(torch.from_numpy(model(x.numpy(), int(t))), t, x).prev_sample
+    ref = x.numpy()
+    # diffusers computes in float32; at t = 999 an epsilon model divides by alpha ~ 0.006
+    np.testing.assert_allclose(solve(model, x_t, cfg, steps, "unipc"), ref,
+                               atol=2e-6 * max(1.0, float(np.abs(ref).max())))
+    if steps > 2:  # the corrector changes a sample the model sees again: other numbers
+        assert np.abs(solve(model, x_t, cfg, steps, "dpmpp2m") - ref).max() > 1e-3
+
+
+def test_unipc_converges_on_gaussian_data_faster_than_ddim():
+    """The exact-denoiser problem of the DPM-Solver++ test, at 10 trailing steps."""
+    sched = dict(DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                               clip_sample=False, timestep_spacing="trailing").config)
+    acp = alphas_cumprod(sched)
+    s = 0.5
+
+    def predict(x, t):  # v of the exact denoiser
+        a = acp[t]
+        x0 = math.sqrt(a) * s * s / (a * s * s + 1 - a) * x
+        eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        return (math.sqrt(a) * eps - math.sqrt(1 - a) * x0).astype(np.float32)
+
+    a_t = acp[timesteps(sched, 10)[0]]
+    x_t = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)
+    exact = x_t * s / math.sqrt(a_t * s * s + 1 - a_t)
+    err = {k: np.abs(solve(predict, x_t, sched, 10, k) - exact).max()
+           for k in ("ddim", "dpmpp2m", "unipc")}
+    assert err["unipc"] < 0.5 * err["ddim"] and err["unipc"] < err["dpmpp2m"], err
+
+
 def test_batch_size_does_not_change_images_and_labels_are_checked(lora_bundle):
     bundle = EdgeBundle.load(lora_bundle[0])
     labels = np.array([0, 1, 2, 3, 4])
@@ -162,7 +237,8 @@ BLOCKER = textwrap.dedent("""
 def test_cli_runs_without_torch_and_writes_labelled_outputs(lora_bundle, tmp_path):
     out = tmp_path / "samples"
     args = [str(lora_bundle[0]), "--out", str(out), "--classes", "0,Bag", "--count", "3",
-            "--steps", "4", "--guidance", "2", "--solver", "dpmpp2m", "--pngs"]
+            "--steps", "4", "--guidance", "2", "--solver", "dpmpp2m", "--spacing", "trailing",
+            "--pngs"]
     res = subprocess.run([sys.executable, "-c", BLOCKER, *args], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
@@ -174,6 +250,8 @@ def test_cli_runs_without_torch_and_writes_labelled_outputs(lora_bundle, tmp_pat
     assert (out / "grid.png").stat().st_size > 0 and len(list((out / "images").glob("*.png"))) == 6
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["adapter_fingerprint"].startswith("sha256:")
+    assert prov["sampler"] == {"solver": "dpmpp2m", "steps": 4, "guidance": 2.0, "seed": 0,
+                               "spacing": "trailing"}
     bad = subprocess.run([sys.executable, "-c", BLOCKER, str(lora_bundle[0]), "--classes", "Cat"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown class 'Cat'" in bad.stderr

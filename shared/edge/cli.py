@@ -23,7 +23,13 @@ import numpy as np
 
 from dpfl.shared.defaults import default_of
 from dpfl.shared.edge.grid import save_grid, to_uint8
-from dpfl.shared.edge.sampler import SOLVERS, EdgeBundle, SamplerConfig, sample_images
+from dpfl.shared.edge.sampler import (
+    SOLVERS,
+    SPACINGS,
+    EdgeBundle,
+    SamplerConfig,
+    sample_images,
+)
 from dpfl.shared.errors import ConfigError, DpflError
 from dpfl.shared.io import atomic_write_json
 
@@ -56,7 +62,8 @@ def provenance(bundle: EdgeBundle, cfg: SamplerConfig) -> dict[str, Any]:
             "adapter_created": None if adapter is None else adapter.meta.get("created"),
             "privacy": bundle.privacy,
             "sampler": {"solver": cfg.solver, "steps": cfg.steps, "guidance": cfg.guidance,
-                        "seed": cfg.seed}}
+                        "seed": cfg.seed,
+                        "spacing": cfg.schedule(m["scheduler"]).get("timestep_spacing")}}
 
 
 def privacy_line(privacy: dict[str, Any] | None) -> str:
@@ -111,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float, default=cfg("guidance"),
                     help="CFG scale [%(default)s]")
     ap.add_argument("--solver", choices=SOLVERS, default=cfg("solver"), help="[%(default)s]")
+    ap.add_argument("--spacing", choices=SPACINGS, default=None,
+                    help="timestep spacing [the bundle scheduler's]; 'trailing' with "
+                         "'--solver dpmpp2m --steps 12' is the fast setting")
     ap.add_argument("--seed", type=int, default=cfg("seed"), help="noise seed [%(default)s]")
     ap.add_argument("--batch-size", type=int, default=cfg("batch_size"),
                     help="images per batch [%(default)s]")
@@ -128,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.count < 1:
             raise ConfigError(f"--count must be >= 1, got {args.count}")
         cfg = SamplerConfig(steps=args.steps, guidance=args.guidance, solver=args.solver,
-                            seed=args.seed, batch_size=args.batch_size)
+                            seed=args.seed, batch_size=args.batch_size,
+                            spacing=args.spacing)
         bundle = EdgeBundle.load(args.bundle, variant=args.variant, threads=args.threads,
                                  adapter=args.adapter)
         classes = parse_classes(args.classes, bundle.class_names)

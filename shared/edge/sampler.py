@@ -14,6 +14,13 @@ model:
   al., "DPM-Solver++", 2022), first order at the first and the final step; on the same
   timesteps as DDIM. It matches diffusers' ``DPMSolverMultistepScheduler`` (``solver_order=2``,
   ``lower_order_final``, ``final_sigmas_type="zero"``) given the same timesteps.
+- ``unipc``: UniPC with the B(h) = e^h - 1 ("bh2") variant, second order, data prediction
+  (Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+  Diffusion Models", NeurIPS 2023): every model output first corrects the sample it was
+  evaluated at, then predicts the next one, so the corrector costs no extra UNet call. It
+  matches diffusers' ``UniPCMultistepScheduler`` (``solver_order=2``, ``final_sigmas_type=
+  "zero"``) on the same timesteps; with trailing spacing it reaches at 10 steps what DDIM
+  reaches at 20 (``docs/on-device.md``).
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ log = logging.getLogger(__name__)
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "dpfl-onnx-bundle/1"
-SOLVERS = ("ddim", "dpmpp2m")
+SOLVERS = ("ddim", "dpmpp2m", "unipc")
+SPACINGS = ("leading", "trailing", "linspace")
 
 Predict = Callable[[np.ndarray, int], np.ndarray]  # (x, t) -> guided model output
 
@@ -49,9 +57,15 @@ class SamplerConfig:
             (each on 2x the images when ``guidance != 1``).
         guidance: float, default 1.0, >= 0. Classifier-free guidance scale; 1 is plain
             conditional sampling, larger values push samples toward their class.
-        solver: "ddim" (default) or "dpmpp2m".
+        solver: "ddim" (default), "dpmpp2m" or "unipc".
         seed: int, default 0. Seeds numpy's generator for the initial noise.
         batch_size: int, default 64, >= 1. Images per ONNX call batch.
+        spacing: None (default: the bundle scheduler's ``timestep_spacing``), "leading",
+            "trailing" or "linspace". Where the steps sit in [0, 1000). ``trailing`` starts
+            every run at the last training timestep, which ``leading`` (the diffusers
+            default) only approaches as steps grow; with it DPM-Solver++ at 12 steps is as
+            close to a 200-step reference as DDIM at 20, and UniPC at 10
+            (``docs/on-device.md``).
     """
 
     steps: int = 50
@@ -59,6 +73,7 @@ class SamplerConfig:
     solver: str = "ddim"
     seed: int = 0
     batch_size: int = 64
+    spacing: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -69,6 +84,13 @@ class SamplerConfig:
             raise ConfigError(f"unknown solver {self.solver!r}; choose one of {SOLVERS}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ConfigError(f"unknown timestep spacing {self.spacing!r}; choose one of "
+                              f"{SPACINGS} (or none for the bundle's)")
+
+    def schedule(self, sched: dict[str, Any]) -> dict[str, Any]:
+        """The bundle's scheduler config with this config's spacing, if any, in force."""
+        return sched if self.spacing is None else {**sched, "timestep_spacing": self.spacing}
 
 
 # -- schedule -----------------------------------------------------------------------------
@@ -125,6 +147,44 @@ def _x0_eps(out: np.ndarray, x: np.ndarray, a: float, pred: str) -> tuple[np.nda
     raise ConfigError(f"unsupported prediction_type {pred!r}")
 
 
+def _unipc_update(x: np.ndarray, m: list[np.ndarray], lam: list[float], lam_t: float,
+                  a_t: float, s_t: float, s_0: float, m_t: np.ndarray | None) -> np.ndarray:
+    """One UniPC-bh2 update in data prediction from the sample ``x`` at the point with
+    log-SNR ``lam[-1]`` (data prediction ``m[-1]``) to log-SNR ``lam_t`` (alpha ``a_t``, sigma
+    ``s_t``; ``s_0`` is sigma at ``x``). ``m``/``lam`` hold the last ``order`` points, oldest
+    first. ``m_t`` None: the predictor (UniP); else the corrector (UniC) with ``m_t`` the
+    data prediction at the predicted point."""
+    order = len(m)
+    h = lam_t - lam[-1]
+    hh = -h
+    phi1 = math.expm1(hh)
+    b_h = phi1  # bh2
+    base = s_t / s_0 * x - a_t * phi1 * m[-1]
+    # divided differences of the older points, at r_k = (lambda_k - lambda_0) / h
+    r = [(lam[-1 - k] - lam[-1]) / h for k in range(1, order)]
+    d = [(m[-1 - k] - m[-1]) / rk for k, rk in zip(range(1, order), r)]
+    if m_t is None and order == 1:
+        return base
+    # b_k = k! phi_{k+1}(hh) / B(h), the coefficients of the order conditions
+    coef, phik, fact = [], phi1 / hh - 1, 1
+    for k in range(1, order + 1):
+        coef.append(phik * fact / b_h)
+        fact *= k + 1
+        phik = phik / hh - 1 / fact
+    if m_t is None:  # predictor of order p uses the first p - 1 conditions
+        rho = [0.5] if order == 2 else list(np.linalg.solve(
+            np.array([[rk ** i for rk in r] for i in range(order - 1)]), coef[:order - 1]))
+        return base - a_t * b_h * sum(w * dk for w, dk in zip(rho, d))
+    if order == 1:
+        rho = [0.5]
+    else:
+        nodes = [*r, 1.0]
+        rho = list(np.linalg.solve(np.array([[rk ** i for rk in nodes] for i in range(order)]),
+                                   coef[:order]))
+    corr = sum(w * dk for w, dk in zip(rho[:-1], d))
+    return base - a_t * b_h * (corr + rho[-1] * (m_t - m[-1]))
+
+
 def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
           solver: str = "ddim") -> np.ndarray:
     """Integrate from noise ``x`` to clean latents with ``predict(x, t)`` as the model."""
@@ -136,6 +196,12 @@ def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
     x = x.astype(np.float64)
     prev_x0, prev_h = None, None
     ts = timesteps(sched, steps)
+    # UniPC's history: data predictions and log-SNRs of the last two points, the sample the
+    # last prediction started from and that prediction's order (for the corrector)
+    hist_m: list[np.ndarray] = []
+    hist_lam: list[float] = []
+    last_x: np.ndarray | None = None
+    last_order = 0
     for i, t in enumerate(ts):
         if solver == "ddim":  # diffusers' DDIMScheduler.step, whatever the spacing
             prev_t = int(t) - n // steps
@@ -150,6 +216,22 @@ def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
             continue
         lam_t = 0.5 * math.log(a_t / (1 - a_t))
+        if solver == "unipc":
+            if last_x is not None:  # correct x with the model output just evaluated at it
+                a_s, s_s = math.sqrt(a_t), math.sqrt(1 - a_t)
+                s_0 = math.sqrt(1 - float(acp[ts[i - 1]]))
+                x = _unipc_update(last_x, hist_m[-last_order:], hist_lam[-last_order:],
+                                  lam_t, a_s, s_s, s_0, x0)
+            hist_m, hist_lam = [*hist_m[-1:], x0], [*hist_lam[-1:], lam_t]
+            last_order = min(2, len(ts) - i, len(hist_m))
+            last_x = x
+            if a_prev >= 1.0:
+                x = x0
+                continue
+            x = _unipc_update(x, hist_m[-last_order:], hist_lam[-last_order:],
+                              0.5 * math.log(a_prev / (1 - a_prev)), math.sqrt(a_prev),
+                              math.sqrt(1 - a_prev), math.sqrt(1 - a_t), None)
+            continue
         if a_prev >= 1.0:  # sigma = 0 at the end: the solution is the data prediction
             x = x0
             continue
@@ -323,7 +405,7 @@ def sample_images(bundle: EdgeBundle, labels: np.ndarray, config: SamplerConfig,
     if noise.shape != shape:
         raise ConfigError(f"initial_noise has shape {noise.shape}, expected {shape}")
     out = []
-    sched = bundle.meta["scheduler"]
+    sched = config.schedule(bundle.meta["scheduler"])
     for s in range(0, labels.shape[0], config.batch_size):
         y = labels[s:s + config.batch_size]
         z = solve(GuidedUNet(bundle, y, config.guidance), noise[s:s + config.batch_size],
