@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -145,9 +146,19 @@ class Coordinator:
                 "--ssl-certfile", str(self.layout.server_cert),
                 "--ssl-keyfile", str(self.layout.server_key),
                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                "--isolation", "subprocess",
+                "--isolation", "process",
                 "--host", "127.0.0.1", "--port", str(self.api_port),
                 "--database", str(self.state_dir / "superlink.db")]
+
+    def superexec_command(self) -> list[str]:
+        """The SuperExec that launches the ServerApps: what flwr's SuperLink would start
+        itself in ``subprocess`` isolation, started and supervised by ``serve`` instead
+        (flwr 1.41 never restarts its own when it exits). It dials the loopback Runtime API
+        over TLS, checked against the federation CA, and exits with ``serve``."""
+        return [flwr_bin("flower-superexec"),
+                "--root-certificates", str(self.layout.ca_cert),
+                "--runtime-api-address", self.api_address,
+                "--parent-pid", str(os.getpid())]
 
     def write_connection(self, api_address: str = "") -> Path:
         """``$FLWR_HOME/config.toml`` with one TLS connection, to the loopback API."""
@@ -176,6 +187,18 @@ def start_superlink(coord: Coordinator) -> subprocess.Popen:
                             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=die_with_parent)
     logf.close()
+    return proc
+
+
+def start_superexec(coord: Coordinator) -> subprocess.Popen:
+    """Start the SuperExec in its own process group, logging to STATE_DIR/superexec.log."""
+    logf = open(coord.state_dir / "superexec.log", "ab")  # noqa: SIM115 (child owns it)
+    proc = subprocess.Popen(coord.superexec_command(), env=coord.env, cwd=coord.state_dir,
+                            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=die_with_parent)
+    logf.close()
+    log.info("started the SuperExec (pid %d; log: %s)", proc.pid,
+             coord.state_dir / "superexec.log")
     return proc
 
 
@@ -392,13 +415,15 @@ def enrol_sites(coord: Coordinator, opts: ServeOptions) -> tuple[Enrolled, ...]:
 
 
 def _start_processes(coord: Coordinator, nginx: str, procs: list[subprocess.Popen]) -> None:
-    """The SuperLink on loopback, then the Fleet proxy on the public address (each appended
-    to ``procs`` as soon as it runs, so that a signal meanwhile still stops it)."""
+    """The SuperLink on loopback, the SuperExec beside it, then the Fleet proxy on the public
+    address (each appended to ``procs`` as soon as it runs, so that a signal meanwhile still
+    stops it)."""
     procs.append(start_superlink(coord))
     wait_listening("127.0.0.1", coord.api_port, procs[0])
+    procs.append(start_superexec(coord))
     procs.append(start_proxy(coord.proxy(), nginx, coord.env))
     wait_listening(coord.host if coord.host not in ("0.0.0.0", "::") else "127.0.0.1",
-                   coord.port, procs[1])
+                   coord.port, procs[2])
 
 
 def serve(coord: Coordinator, opts: ServeOptions) -> int:
@@ -429,7 +454,7 @@ def serve(coord: Coordinator, opts: ServeOptions) -> int:
         log.info("SuperLink ready: Fleet API on %s (nginx), loopback API on %s, %d listed "
                  "site(s); log: %s", coord.address, coord.api_address, len(policy.sites),
                  coord.state_dir / "superlink.log")
-        return _wait_any(procs)
+        return _supervise(coord, procs)
     except KeyboardInterrupt:
         log.info("stopping the SuperLink and the Fleet proxy")
         return 0
@@ -439,12 +464,35 @@ def serve(coord: Coordinator, opts: ServeOptions) -> int:
         stop_processes_of(coord.flwr_home)  # ServerApps that outlive the SuperLink
 
 
-def _wait_any(procs: list[subprocess.Popen]) -> int:
-    """Block until one of ``procs`` exits; its exit status (the rest are stopped by the
-    caller)."""
+# a SuperExec that exits this many times within RESTART_WINDOW seconds is not restarted again
+MAX_RESTARTS, RESTART_WINDOW = 5, 120.0
+
+
+def _supervise(coord: Coordinator, procs: list[subprocess.Popen]) -> int:
+    """Block until the SuperLink or the proxy exits (its exit status; the caller stops the
+    rest), restarting the SuperExec (``procs[1]``) whenever it exits.
+
+    A dead SuperExec would leave every later run pending with no message (it died once on
+    an HTTP 500 from the SuperLink's Runtime API when SQLite answered "database is locked").
+    Runs submitted meanwhile start once it is back. One that keeps dying (MAX_RESTARTS
+    exits within RESTART_WINDOW seconds) stops ``serve`` with an error naming its log."""
+    exits: list[float] = []
     while True:
-        for proc in procs:
-            if proc.poll() is not None:
-                log.error("%s exited with %s", Path(str(proc.args[0])).name, proc.returncode)
+        for i, proc in enumerate(procs):
+            if proc.poll() is None:
+                continue
+            name = Path(str(proc.args[0])).name
+            if i != 1:
+                log.error("%s exited with %s", name, proc.returncode)
                 return proc.returncode or 1
+            now = time.monotonic()
+            exits = [t for t in exits if now - t < RESTART_WINDOW] + [now]
+            if len(exits) > MAX_RESTARTS:
+                log.error("the SuperExec exited %d times within %.0f s (last status %s); "
+                          "not restarting it again: see %s", len(exits), RESTART_WINDOW,
+                          proc.returncode, coord.state_dir / "superexec.log")
+                return proc.returncode or 1
+            log.warning("the SuperExec exited with %s; restarting it (runs submitted "
+                        "meanwhile start once it is back)", proc.returncode)
+            procs[1] = start_superexec(coord)
         time.sleep(0.5)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dpfl.shared.deploy.flwrproc import processes_of
 from dpfl.shared.ldm.models import build_ldm, save_ldm
 from dpfl.shared.privacy.accountant import PersistentAccountant
 
@@ -170,6 +171,30 @@ def _stop_a_run(tmp, coord, sets) -> tuple[subprocess.CompletedProcess, dict]:
     return stop, runs[run_id]
 
 
+def _superexecs(home: Path) -> list[int]:
+    found = []
+    for pid in processes_of(home):
+        try:
+            if b"flower-superexec" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _kill_superexec(h: Harness, coord: Path) -> dict:
+    """SIGKILL the coordinator's SuperExec (what launches every ServerApp); ``serve`` must
+    start another. The run that follows shows that runs still start."""
+    home = coord / "flwr-home"
+    wait_for(lambda: len(_superexecs(home)) == 1, 60, "the SuperExec")
+    old = _superexecs(home)[0]
+    subprocess.run(["kill", "-9", str(old)], check=True)
+    wait_for(lambda: "the SuperExec exited with -9; restarting it" in h.output("coordinator"),
+             60, "serve to notice the dead SuperExec")
+    wait_for(lambda: _superexecs(home) and old not in _superexecs(home), 60, "a new SuperExec")
+    return {"old": old, "new": _superexecs(home)}
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
@@ -190,6 +215,7 @@ def deployment(tmp_path_factory):
         assert "SuperLink ready" in h.output("coordinator"), h.output("coordinator")[-3000:]
         res["tls"] = _tls_checks(port, pki / "ca.crt")
         res["listening"] = _listening(coord / "flwr-home")
+        res["superexec"] = _kill_superexec(h, coord)
         res["attacks"] = _attacks(tmp, port, pki, rogue_pki)
         res["status_before"] = _status(tmp, coord)
         for i, site in enumerate(SITES):
@@ -240,6 +266,16 @@ def test_listed_sites_train_two_rounds_over_tls(deployment):
             assert f"site {site}: run " in out and f"round {rnd}: trained " in out, out[-2000:]
         assert "secure noise on (OS CSPRNG)" in out
         assert "Secure RNG turned off" not in out  # Opacus' warning, untrue here
+
+
+def test_a_dead_superexec_is_restarted_and_runs_still_start(deployment):
+    """flwr 1.41's SuperLink never restarts a SuperExec that exits (every later run would
+    stay pending); ``serve`` supervises its own. Killed before the run, the run completes."""
+    assert len(deployment["superexec"]["new"]) == 1
+    assert deployment["superexec"]["new"] != [deployment["superexec"]["old"]]
+    assert "finished:completed" in deployment["run"].stdout
+    log = (deployment["tmp"] / "coord" / "superexec.log").read_text()
+    assert log.count("Starting Flower SuperExec") >= 2, log[-2000:]
 
 
 def test_unlisted_site_is_refused(deployment):
