@@ -21,7 +21,7 @@ from dpfl.server.deploycli import PKI_DIR, run_cmd, serve, status, stop
 from dpfl.server.experiment import PRESETS as EXPERIMENT_PRESETS
 from dpfl.server.experiment import SETTINGS, Experiment
 from dpfl.shared.cli import CTX, LazyCommand, fail
-from dpfl.shared.defaults import LOG_FORMAT, default_of
+from dpfl.shared.defaults import LOG_FORMAT, TIMESTEP_SPACINGS, default_of
 from dpfl.shared.errors import DpflError
 from dpfl.shared.eval.record import CLASSIFIER_SETS
 
@@ -160,6 +160,10 @@ def _evaluate_options() -> list[click.Parameter]:
         click.Option(["--steps"], type=click.IntRange(1, 1000), default=cfg("steps"),
                      help="DDIM steps."),
         click.Option(["--guidance"], type=click.FloatRange(min=0), default=cfg("guidance")),
+        click.Option(["--spacing"], type=click.Choice(list(TIMESTEP_SPACINGS)),
+                     default=cfg("spacing"),
+                     help="DDIM timestep spacing [the model scheduler's]; trailing starts at "
+                          "the last training timestep."),
         click.Option(["--seed"], type=int, default=cfg("seed")),
         click.Option(["--batch-size"], type=click.IntRange(min=1), default=cfg("batch_size"),
                      help="Sampling batch."),

@@ -11,6 +11,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+#: diffusers' timestep spacings, which every dpfl sampler (torch and torch-free) accepts
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
 #: the one format of dpfl's log lines (the CLIs, the ServerApp, a deployed site's ClientApp)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

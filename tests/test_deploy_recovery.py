@@ -66,6 +66,10 @@ def recovery(tmp_path_factory):
                     or ("superexec" in line and f":{port} " in line + " ")):
                 subprocess.run(["kill", "-9", line.split(":")[0]], check=False)
         out["round_at_crash"] = checkpoint_round(run_dir)
+        # the coordinator stays down until the follower has seen it gone (a quick restart
+        # between two of its polls would go unnoticed, and this test is about re-attaching)
+        wait_for(lambda: "waiting to re-attach" in h.output("run1"), 120,
+                 "the follower to notice the coordinator is down")
         h.start("coordinator2", serve)
         wait_for(lambda: "SuperLink ready" in h.output("coordinator2"), 180, "restart")
         # the follower re-attaches, resubmits the stopped run and follows it to the end

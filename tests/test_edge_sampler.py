@@ -87,6 +87,14 @@ def test_spacing_option_matches_torch_with_that_spacing(lora_bundle, tiny_ldm):
     trailing = DDPMScheduler.from_config(tiny_ldm.scheduler.config, timestep_spacing="trailing")
     z = ddim_sample(merged, trailing, labels, tiny_ldm.latent_shape, tiny_ldm.spec.null_class,
                     steps=5, guidance=2.0, initial_noise=noise)
+    # the torch sampler's own option gives the same
+    z2 = ddim_sample(merged, tiny_ldm.scheduler, labels, tiny_ldm.latent_shape,
+                     tiny_ldm.spec.null_class, steps=5, guidance=2.0, initial_noise=noise,
+                     spacing="trailing")
+    torch.testing.assert_close(z2, z, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="spacing 'uniform'"):
+        ddim_sample(merged, tiny_ldm.scheduler, labels, tiny_ldm.latent_shape,
+                    tiny_ldm.spec.null_class, steps=5, spacing="uniform")
     bundle = EdgeBundle.load(path)
     assert bundle.meta["scheduler"]["timestep_spacing"] == "leading"
     got = sample_images(bundle, labels.numpy(), SamplerConfig(steps=5, guidance=2.0,

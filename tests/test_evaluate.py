@@ -221,6 +221,11 @@ def test_cli_evaluates_a_tiny_model_end_to_end(setup, tmp_path):
                                 "--per-class", "2", "--steps", "1")
     assert with_adapter["generator"]["adapter"].endswith("adapter")
     assert with_adapter["generator"]["privacy"]["status"] == "unknown"
+    assert rec["generator"]["sampling"] == {"steps": 2, "guidance": 1.0, "spacing": "leading"}
+    _, trailing = _evaluate(setup, tmp_path / "trailing", "--model", str(setup / "base"),
+                            "--per-class", "1", "--steps", "2", "--spacing", "trailing")
+    assert trailing["generator"]["sampling"]["spacing"] == "trailing"
+    assert "(trailing spacing)" in trailing["train_set"]["source"]
     _, real = _evaluate(setup, tmp_path / "real", "--train-real", str(setup / "test.npz"),
                         "--train-per-class", "4")
     assert real["kind"] == "real" and real["grid"] is None

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from dpfl.shared.defaults import TIMESTEP_SPACINGS
 from dpfl.shared.edge.adapter import EdgeAdapter
 from dpfl.shared.errors import ConfigError, IncompatibleAdapter, ModelError
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "dpfl-onnx-bundle/1"
 SOLVERS = ("ddim", "dpmpp2m", "unipc")
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = TIMESTEP_SPACINGS
 
 Predict = Callable[[np.ndarray, int], np.ndarray]  # (x, t) -> guided model output
 

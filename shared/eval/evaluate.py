@@ -55,6 +55,7 @@ from dpfl.shared.eval.fid import (
 )
 from dpfl.shared.eval.record import CLASSIFIER_SETS, MEAN3, mean3
 from dpfl.shared.io import atomic_write_json
+from dpfl.shared.ldm.diffusion import SPACINGS
 from dpfl.shared.ldm.models import LatentDiffusion, crop_center, fingerprint_modules, load_ldm
 from dpfl.shared.ldm.sampling import sample_images
 from dpfl.shared.rundir import versions
@@ -80,7 +81,8 @@ def load_generator(model_dir: str | Path, adapter_dir: str | Path | None = None,
 
 
 def synthetic_set(ldm: LatentDiffusion, per_class: int, steps: int = 25, guidance: float = 1.0,
-                  seed: int = 0, batch_size: int = 256, progress: bool = True) -> ImageSet:
+                  seed: int = 0, batch_size: int = 256, progress: bool = True,
+                  spacing: str | None = None) -> ImageSet:
     """``per_class`` DDIM samples of every class, cropped to the data resolution, quantised to
     8 bits like real images. Labels cycle through the classes, so every batch is balanced;
     batch ``i`` draws its noise with seed ``seed + i`` (same seed and batch size, same set)."""
@@ -92,14 +94,15 @@ def synthetic_set(ldm: LatentDiffusion, per_class: int, steps: int = 25, guidanc
     bar = tqdm(total=len(labels), desc="sampling", unit="img", disable=not progress)
     for i, chunk in enumerate(labels.split(batch_size)):
         img = sample_images(ldm, chunk, steps=steps, guidance=guidance, seed=seed + i,
-                            batch_size=batch_size)
+                            batch_size=batch_size, spacing=spacing)
         chunks.append(crop_center(img, spec.source_size))
         bar.update(len(chunk))
     bar.close()
     x = ((torch.cat(chunks).clamp(-1, 1) + 1) * 127.5).round() / 255.0
     return ImageSet(x.permute(0, 2, 3, 1).numpy().astype(np.float32), labels.numpy(),
-                    spec.class_names, source=f"{per_class}/class samples, {steps} DDIM steps, "
-                                             f"guidance {guidance}, seed {seed}")
+                    spec.class_names, source=f"{per_class}/class samples, {steps} DDIM steps"
+                                             + (f" ({spacing} spacing)" if spacing else "")
+                                             + f", guidance {guidance}, seed {seed}")
 
 
 def balanced_subset(data: ImageSet, per_class: int, seed: int = 0) -> ImageSet:
@@ -255,7 +258,8 @@ class EvalConfig:
             the reconstruction MSE and a grid of reconstructed *test* images.
         per_class: samples per class (>= 1, default 200).
         steps: DDIM steps (>= 1, default 25); guidance: classifier-free guidance (>= 0, 1 =
-            plain conditional sampling).
+            plain conditional sampling); spacing: DDIM timestep spacing (``leading``,
+            ``trailing``, ``linspace``; default None: the model scheduler's).
         seed: sampling noise, CNN initialisation, splits and subsampling (default 0).
         batch_size: sampling batch size (>= 1, default 256).
         test: the real test set (default ``fmnist:test``); the reference of every distance.
@@ -282,6 +286,7 @@ class EvalConfig:
     per_class: int = 200
     steps: int = 25
     guidance: float = 1.0
+    spacing: str | None = None
     seed: int = 0
     batch_size: int = 256
     test: str = "fmnist:test"
@@ -308,6 +313,9 @@ class EvalConfig:
                self.classifier_epochs) < 1 or self.train_per_class < 0 or self.guidance < 0:
             raise ConfigError("per_class, steps, batch_size, epochs, classifier_epochs and k must "
                               "be >= 1; train_per_class and guidance >= 0")
+        if self.spacing not in (None, *SPACINGS):
+            raise ConfigError(f"spacing must be one of {SPACINGS} (or unset: the model "
+                              f"scheduler's), got {self.spacing!r}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.classifiers not in CLASSIFIER_SETS:
@@ -389,13 +397,17 @@ def _training_set(cfg: EvalConfig, device: str, out: Path, progress: bool,
     ldm = load_generator(model, cfg.adapter, device)
     start = time.perf_counter()
     data = synthetic_set(ldm, cfg.per_class, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size,
-                         progress)
+                         progress, spacing=cfg.spacing)
     record["generator"] = {"model": model, "base_fingerprint": ldm.card.get("fingerprint"),
                            "fingerprint": ldm.fingerprint(), "adapter": cfg.adapter,
                            "privacy": _adapter_privacy(cfg.adapter, model),
-                           "sampling_seconds": time.perf_counter() - start}
+                           "sampling_seconds": time.perf_counter() - start,
+                           "sampling": {"steps": cfg.steps, "guidance": cfg.guidance,
+                                        "spacing": cfg.spacing or
+                                        ldm.scheduler.config.get("timestep_spacing")}}
     write_npz(out / "samples.npz", data)
-    title = f"{cfg.adapter or model}: {cfg.steps} DDIM steps, guidance {cfg.guidance}"
+    title = (f"{cfg.adapter or model}: {cfg.steps} DDIM steps"
+             + (f" ({cfg.spacing})" if cfg.spacing else "") + f", guidance {cfg.guidance}")
     record["grid"] = str(_save_class_grid(data, out / "samples.png", title))
     return data
 

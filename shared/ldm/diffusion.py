@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from dpfl.shared.defaults import TIMESTEP_SPACINGS
 from dpfl.shared.errors import ConfigError
 
+SPACINGS = TIMESTEP_SPACINGS
 
 def expand_draws(latents: torch.Tensor, labels: torch.Tensor, scheduler: DDPMScheduler, k: int,
                  null_class: int | None = None, cond_drop: float = 0.0,
@@ -73,16 +75,23 @@ def example_losses(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: tor
 def ddim_sample(unet: UNet2DModel, scheduler: DDPMScheduler, labels: torch.Tensor,
                 latent_shape: tuple[int, int, int], null_class: int, steps: int = 50,
                 guidance: float = 1.0, generator: torch.Generator | None = None,
-                initial_noise: torch.Tensor | None = None) -> torch.Tensor:
+                initial_noise: torch.Tensor | None = None,
+                spacing: str | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta=0) with classifier-free guidance; returns normalised latents.
 
     ``guidance`` 1.0 is plain conditional sampling; larger values push samples toward
     their class. ``initial_noise`` fixes the starting latents (for parity checks).
+    ``spacing`` (``leading``, ``trailing``, ``linspace``; None: the scheduler's) places the
+    steps: ``trailing`` starts at the last training timestep, where the starting noise
+    belongs; ``leading`` (diffusers' default) starts ``1000 / steps - 1`` below it.
     """
     if steps < 1:
         raise ConfigError(f"sampling steps must be >= 1, got {steps}")
+    if spacing not in (None, *SPACINGS):
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
     dev = next(unet.parameters()).device
-    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim = DDIMScheduler.from_config(scheduler.config,
+                                     **({"timestep_spacing": spacing} if spacing else {}))
     ddim.set_timesteps(steps)
     n = labels.shape[0]
     if initial_noise is None:

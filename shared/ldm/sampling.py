@@ -13,8 +13,10 @@ from dpfl.shared.ldm.models import LatentDiffusion
 
 
 def sample_images(ldm: LatentDiffusion, labels: torch.Tensor, steps: int = 50,
-                  guidance: float = 1.0, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """Images (N, C, H, W) in [-1, 1] for the given class labels."""
+                  guidance: float = 1.0, seed: int = 0, batch_size: int = 256,
+                  spacing: str | None = None) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] for the given class labels (DDIM; ``spacing``: see
+    :func:`~dpfl.shared.ldm.diffusion.ddim_sample`)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     was_training = ldm.unet.training
@@ -22,7 +24,7 @@ def sample_images(ldm: LatentDiffusion, labels: torch.Tensor, steps: int = 50,
     try:
         for chunk in labels.split(batch_size):
             z = ddim_sample(ldm.unet, ldm.scheduler, chunk, ldm.latent_shape, ldm.spec.null_class,
-                            steps=steps, guidance=guidance, generator=gen)
+                            steps=steps, guidance=guidance, generator=gen, spacing=spacing)
             out.append(ldm.decode(z))
     finally:
         ldm.unet.train(was_training)
