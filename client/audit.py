@@ -31,6 +31,7 @@ import torch
 
 from dpfl.shared.data.encode import encode_silo, in_base_classes
 from dpfl.shared.data.labels import read_label_map
+from dpfl.shared.data.readers import DEFAULT_IMAGE_POLICY, IMAGE_POLICIES, fit_to_model
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import ConfigError
 from dpfl.shared.io import atomic_write_json
@@ -60,6 +61,8 @@ class AuditJob:
             into members and held-out images.
         draws: (timestep, noise) draws per image for the attack's loss (>= 1, default 8).
         label_map: JSON label map, as for ``train``.
+        image_policy: how images not of the base model's size are fitted, as for ``train``
+            (:func:`dpfl.shared.data.readers.fit_to_model`).
     """
 
     data: str
@@ -68,11 +71,15 @@ class AuditJob:
     limit: int = 0
     draws: int = 8
     label_map: str | None = None
+    image_policy: str = DEFAULT_IMAGE_POLICY
 
     def __post_init__(self) -> None:
         if self.limit < 0 or self.draws < 1:
             raise ConfigError(f"limit must be >= 0 and draws >= 1, got {self.limit}, "
                               f"{self.draws}")
+        if self.image_policy not in IMAGE_POLICIES:
+            raise ConfigError(f"image_policy must be one of {list(IMAGE_POLICIES)}, got "
+                              f"{self.image_policy!r}")
 
 
 def split_members(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +99,7 @@ def run_audit(job: AuditJob, lora: LoraSpec, dp: DPConfig, cfg: AuditConfig,
                          read_label_map(job.label_map))
     if job.limit and job.limit < len(ds):
         ds = ds.subset(np.sort(np.random.default_rng(dp.seed).permutation(len(ds))[:job.limit]))
+    ds = fit_to_model(ds, ldm.spec, job.image_policy)
     latents, labels = encode_silo(ldm, ds)
     members, heldout = split_members(len(ds), dp.seed)
     white, model = whitebox_audit(ldm, latents[members], labels[members], lora, dp, cfg,
@@ -104,6 +112,7 @@ def run_audit(job: AuditJob, lora: LoraSpec, dp: DPConfig, cfg: AuditConfig,
     plot_roc(mia, out_dir / "mia_roc.png", f"loss-threshold MIA, claimed ε = "
              f"{white['claimed_epsilon']:.2f}")
     record = {"format": AUDIT_FORMAT, "note": NO_BUDGET, "data": ds.source,
+              "image_fit": ds.fitted or None,
               "whitebox": white, "mia": {k: v for k, v in mia.items() if k not in ("fpr", "tpr")},
               "settings": {"lora": dataclasses.asdict(lora), "dp": dataclasses.asdict(dp),
                            "audit": dataclasses.asdict(cfg), "job": dataclasses.asdict(job)},

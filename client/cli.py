@@ -7,6 +7,7 @@ commands whose settings live in torch modules make their options on first use
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from functools import partial
@@ -115,6 +116,7 @@ def _run_options(run_dir: str, model_help: str, **dp_defaults: Any) -> list[clic
     """The options ``train`` and ``train-full`` share: silo, model, DP-SGD, ledger, grids.
     Defaults are TrainJob's and DPConfig's, except the DPConfig fields in ``dp_defaults``."""
     from dpfl.client.train import TrainJob
+    from dpfl.shared.data.readers import IMAGE_POLICIES
     from dpfl.shared.privacy.dpsgd import DPConfig
 
     job, dp = defaults_of(TrainJob), {**defaults_of(DPConfig), **dp_defaults}
@@ -128,6 +130,10 @@ def _run_options(run_dir: str, model_help: str, **dp_defaults: Any) -> list[clic
         click.Option(["--label-map"], type=click.Path(dir_okay=False), default=job["label_map"],
                      help="JSON {\"silo class\": \"base class\"} for classes not named exactly "
                           "after a base model class (README 'Data')."),
+        click.Option(["--image-policy"], type=click.Choice(IMAGE_POLICIES),
+                     default=job["image_policy"],
+                     help="Images not of the base model's size: refuse them (naming the "
+                          "sizes), resize them, or center-crop a square and resize it."),
         *_budget_options(dp, job),
         *_sgd_options(dp),
         click.Option(["--sample-steps"], type=click.IntRange(1, 1000),
@@ -197,11 +203,13 @@ def _job_and_dp(o: dict) -> tuple[TrainJob, DPConfig]:
     job = TrainJob(data=o["data"], model=o["model_dir"], run_dir=o["run_dir"], limit=o["limit"],
                    budget=o["budget"], accountant_file=o["accountant_file"],
                    sample_steps=o["sample_steps"], per_class=o["per_class"],
-                   guidance=o["guidance"], label_map=o["label_map"])
+                   guidance=o["guidance"], label_map=o["label_map"],
+                   image_policy=o["image_policy"])
     return job, dp
 
 
 def _train_options() -> list[click.Parameter]:
+    from dpfl.client.train import TrainJob
     from dpfl.shared.ldm.lora import PRESETS, LoraSpec
 
     lora = partial(default_of, LoraSpec)
@@ -219,11 +227,23 @@ def _train_options() -> list[click.Parameter]:
                           "all)."),
         click.Option(["--class-embedding/--no-class-embedding"],
                      default=lora("train_class_embedding"), help="Train the class embedding too."),
+        click.Option(["--warmup-sigma"], type=click.FloatRange(min=0),
+                     default=default_of(TrainJob, "warmup_sigma"),
+                     help="DP-FETA warm-up: release the silo's class means with this noise "
+                          "multiplier (accounted) and train the adapters on them before DP-SGD, "
+                          "whose sigma then covers the rest of the target (0: off)."),
+        click.Option(["--warmup-clip"], type=click.FloatRange(min=0),
+                     default=default_of(TrainJob, "warmup_clip"),
+                     help="Latent clip norm of the release (0: sqrt of the latent size)."),
+        click.Option(["--warmup-steps"], type=click.IntRange(min=0),
+                     default=default_of(TrainJob, "warmup_steps"),
+                     help="Adapter steps on the released means (no privacy cost)."),
     ]
 
 
 @main.command(cls=LazyCommand, options=_train_options, context_settings=CTX)
-def train(preset, rank, alpha, dropout, blocks, class_embedding, **run) -> None:
+def train(preset, rank, alpha, dropout, blocks, class_embedding, warmup_sigma, warmup_clip,
+          warmup_steps, **run) -> None:
     """DP-LoRA fine-tuning on one local silo (central mode): writes RUN_DIR with the adapter."""
     from dpfl.client.train import run_train
     from dpfl.shared.ldm.lora import LoraSpec
@@ -233,6 +253,8 @@ def train(preset, rank, alpha, dropout, blocks, class_embedding, **run) -> None:
                         train_class_embedding=class_embedding,
                         blocks=tuple(b for b in blocks.split(",") if b) or None)
         job, dp = _job_and_dp(run)
+        job = dataclasses.replace(job, warmup_sigma=warmup_sigma, warmup_clip=warmup_clip,
+                                  warmup_steps=warmup_steps)
         summary = run_train(job, lora, dp, progress=run["progress"])
     except DpflError as exc:
         fail(exc)
@@ -325,7 +347,8 @@ def audit(preset, rank, alpha, dropout, blocks, class_embedding, canaries, confi
                         blocks=tuple(b for b in blocks.split(",") if b) or None)
         dp = _dp_config(run)
         job = AuditJob(data=run["data"], model=run["model_dir"], run_dir=run["run_dir"],
-                       limit=run["limit"], draws=mia_draws, label_map=run.get("label_map"))
+                       limit=run["limit"], draws=mia_draws, label_map=run.get("label_map"),
+                       image_policy=run["image_policy"])
         record = run_audit(job, lora, dp, AuditConfig(canaries=canaries, confidence=confidence),
                            progress=run["progress"])
     except DpflError as exc:
@@ -363,6 +386,7 @@ class DeltaParam(click.ParamType):
 
 def _join_options() -> list[click.Parameter]:
     from dpfl.client.deploy import SiteNode
+    from dpfl.shared.defaults import IMAGE_POLICIES
     from dpfl.shared.federation.config import ACCOUNTANTS, SiteConfig
     from dpfl.shared.privacy.choices import DEFAULT_ACCOUNTANT
 
@@ -402,6 +426,10 @@ def _join_options() -> list[click.Parameter]:
                      default=site("label_map"),
                      help="JSON {\"silo class\": \"base class\"} for classes not named exactly "
                           "after a base model class (README 'Data')."),
+        click.Option(["--image-policy"], type=click.Choice(IMAGE_POLICIES),
+                     default=site("image_policy"),
+                     help="Images not of the base model's size: refuse them, resize them, or "
+                          "cut the centre square and resize it."),
         click.Option(["--runtime-port"], type=click.IntRange(1, 65535),
                      default=default_of(SiteNode, "runtime_port"),
                      help="Loopback port of the SuperNode's Runtime API (distinct per node)."),

@@ -3,7 +3,8 @@ authenticates with the site's private key, and serves the dpfl ClientApp.
 
 The site's own settings travel as the SuperNode's node config (kebab-case keys of
 :class:`dpfl.shared.federation.config.SiteConfig`: site-id, data, base-model, state-dir,
-epsilon-budget, delta, accountant, max-physical-batch, secure-mode, device, label-map). They are
+epsilon-budget, delta, accountant, max-physical-batch, secure-mode, device, label-map,
+image-policy). They are
 validated here before anything starts, and again by the ClientApp for every message; the
 coordinator cannot change them.
 

@@ -30,8 +30,15 @@ from safetensors.torch import save as save_tensors
 
 from dpfl.shared.data.encode import encode_silo
 from dpfl.shared.data.labels import read_label_map
+from dpfl.shared.data.readers import DEFAULT_IMAGE_POLICY, IMAGE_POLICIES, fit_to_model
 from dpfl.shared.data.sources import load_source
-from dpfl.shared.errors import BudgetExhausted, DataError, IncompatibleAdapter, ModelError
+from dpfl.shared.errors import (
+    BudgetExhausted,
+    ConfigError,
+    DataError,
+    IncompatibleAdapter,
+    ModelError,
+)
 from dpfl.shared.federation.config import RoundPlan, SiteConfig
 from dpfl.shared.federation.protocol import SiteReport
 from dpfl.shared.io import append_jsonl, atomic_write_bytes, ensure_dir
@@ -70,10 +77,14 @@ def _read_cache(cache: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
-def _cache_name(ldm: LatentDiffusion, label_map: dict[str, str] | None) -> str:
-    """The latent cache's file name: the base model's fingerprint and how labels were
-    matched (by name, with this label map), so a cache of other labels is never reused."""
-    labels = json.dumps({"match": "by-name", "label-map": label_map}, sort_keys=True)
+def _cache_name(ldm: LatentDiffusion, label_map: dict[str, str] | None,
+                image_policy: str = DEFAULT_IMAGE_POLICY) -> str:
+    """The latent cache's file name: the base model's fingerprint, how labels were matched
+    (by name, with this label map) and how images were fitted to the model's size, so a
+    cache of other labels or other image sizes is never reused (nor one written before the
+    policy existed, when a smaller silo was padded without a word: it is read again)."""
+    labels = json.dumps({"match": "by-name", "label-map": label_map,
+                         "image-policy": image_policy}, sort_keys=True)
     tag = hashlib.sha256(labels.encode()).hexdigest()[:8]
     return f"latents-{ldm.card['verified'].split(':')[-1][:16]}-{tag}.safetensors"
 
@@ -103,10 +114,20 @@ class Site:
 
     ``round_tag`` names the round being served (the ClientApp sets it from each training
     message); it only labels the site's log lines and its :data:`ROUNDS_LOG` records.
+
+    ``image_policy``: how the site's images are fitted to the base model's size
+    (:func:`dpfl.shared.data.readers.fit_to_model`), a site setting never taken from the
+    coordinator: the node config's ``image-policy`` (``SiteConfig.image_policy``) unless
+    given here.
     """
 
-    def __init__(self, cfg: SiteConfig):
+    def __init__(self, cfg: SiteConfig, image_policy: str | None = None):
+        image_policy = image_policy or cfg.image_policy
+        if image_policy not in IMAGE_POLICIES:
+            raise ConfigError(f"site {cfg.site_id}: image policy must be one of "
+                              f"{list(IMAGE_POLICIES)}, got {image_policy!r}")
         self.cfg = cfg
+        self.image_policy = image_policy
         self.state_dir = ensure_dir(cfg.state_dir, f"state directory of site {cfg.site_id}")
         self._ldm: LatentDiffusion | None = None
         self._silo: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -131,11 +152,12 @@ class Site:
         if self._silo is not None:
             return self._silo
         label_map = read_label_map(self.cfg.label_map)
-        cache = self.state_dir / _cache_name(ldm, label_map)
+        cache = self.state_dir / _cache_name(ldm, label_map, self.image_policy)
         if cache.exists():
             self._silo = _read_cache(cache)
         if self._silo is None:
-            data = load_source(self.cfg.data, base_card=ldm.card)
+            data = fit_to_model(load_source(self.cfg.data, base_card=ldm.card), ldm.spec,
+                                self.image_policy)  # logs any resize in the site's log
             z, y = encode_silo(ldm, data, label_map)
             # atomic: a site killed while writing must not find a torn cache on restart
             atomic_write_bytes(cache, save_tensors({"latents": z.contiguous(),

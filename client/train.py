@@ -21,22 +21,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dpfl.shared.data.encode import encode_silo, in_base_classes
 from dpfl.shared.data.labels import read_label_map
-from dpfl.shared.data.readers import ImageSet
+from dpfl.shared.data.readers import DEFAULT_IMAGE_POLICY, IMAGE_POLICIES, ImageSet, fit_to_model
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import ConfigError
-from dpfl.shared.ldm.lora import LoraSpec, merged_unet, save_adapter
+from dpfl.shared.ldm.lora import LoraSpec, adapter_state, merged_unet, save_adapter, wrap_unet
 from dpfl.shared.ldm.models import LatentDiffusion, load_ldm
 from dpfl.shared.ldm.sampling import class_grid
+from dpfl.shared.ldm.warmup import WarmupConfig, warm_up
+from dpfl.shared.privacy import poisson
 from dpfl.shared.privacy.accountant import PersistentAccountant
-from dpfl.shared.privacy.dpsgd import DPConfig, train_lora
+from dpfl.shared.privacy.classmeans import release_class_means
+from dpfl.shared.privacy.dpsgd import DPConfig, calibrate_sigma, train_lora
 from dpfl.shared.privacy.guarantee import SCOPE_ADAPTER, PrivacyGuarantee
 from dpfl.shared.report.build import try_write_report
 from dpfl.shared.rundir import RunDir
@@ -61,6 +66,16 @@ class TrainJob:
         sample_steps, per_class, guidance: DDIM settings of the sample grids.
         label_map: JSON label map {"silo class": "base class"} for classes not named
             exactly after a base class (None: names only).
+        image_policy: how images not of the base model's size are fitted to it, one of
+            ``IMAGE_POLICIES`` (``refuse``, the default, ``resize``, ``center-crop``;
+            :func:`dpfl.shared.data.readers.fit_to_model`); recorded in the run's config.
+        warmup_sigma: DP-FETA's warm-up (:mod:`dpfl.shared.privacy.classmeans`): before
+            DP-SGD, release the silo's class means with this noise multiplier (one Gaussian
+            mechanism, committed to the ledger first) and train the adapters on them; DP-SGD's
+            σ is then calibrated so that both together reach the target ε. 0 (default): off.
+        warmup_clip: latent clip norm of the release (0, default: sqrt of the latent size,
+            the norm of a typical normalised latent).
+        warmup_steps: adapter training steps on the means (post-processing, no budget).
     """
 
     data: str
@@ -73,10 +88,19 @@ class TrainJob:
     per_class: int = 8
     guidance: float = 1.0
     label_map: str | None = None
+    image_policy: str = DEFAULT_IMAGE_POLICY
+    warmup_sigma: float = 0.0
+    warmup_clip: float = 0.0
+    warmup_steps: int = 200
 
     def __post_init__(self) -> None:
         if self.limit < 0 or self.sample_steps < 1 or self.per_class < 1 or self.guidance < 0:
             raise ConfigError("limit must be >= 0, sample_steps and per_class >= 1, guidance >= 0")
+        if not (self.warmup_sigma >= 0 and self.warmup_clip >= 0 and self.warmup_steps >= 0):
+            raise ConfigError("warmup_sigma, warmup_clip and warmup_steps must be >= 0")
+        if self.image_policy not in IMAGE_POLICIES:
+            raise ConfigError(f"image_policy must be one of {list(IMAGE_POLICIES)}, got "
+                              f"{self.image_policy!r}")
 
 
 def open_silo_and_ledger(job: TrainJob, dp: DPConfig, rd: RunDir, ldm: LatentDiffusion
@@ -89,6 +113,7 @@ def open_silo_and_ledger(job: TrainJob, dp: DPConfig, rd: RunDir, ldm: LatentDif
     if job.limit and job.limit < len(ds):
         idx = np.random.default_rng(dp.seed).permutation(len(ds))[:job.limit]
         ds = ds.subset(np.sort(idx))
+    ds = fit_to_model(ds, ldm.spec, job.image_policy)  # refused here, before the ledger
     budget = job.budget if job.budget is not None else dp.target_epsilon
     if budget is None:
         raise ConfigError("give an epsilon budget (--budget) when sigma is set directly")
@@ -98,6 +123,45 @@ def open_silo_and_ledger(job: TrainJob, dp: DPConfig, rd: RunDir, ldm: LatentDif
     return ds, accountant, acc_path
 
 
+def warm_start(job: TrainJob, ldm: LatentDiffusion, latents: torch.Tensor,
+               labels: torch.Tensor, lora: LoraSpec, dp: DPConfig,
+               accountant: PersistentAccountant, rd: RunDir
+               ) -> tuple[dict[str, torch.Tensor] | None, DPConfig]:
+    """With ``job.warmup_sigma``: release the silo's DP class means (committed to
+    ``accountant`` first), warm adapters up on them, and return their state and ``dp`` with
+    σ calibrated for what is left of the target after the release. Otherwise ``(None, dp)``."""
+    if not job.warmup_sigma:
+        return None, dp
+    if dp.noise_multiplier is None and dp.target_epsilon is not None:
+        # σ for DP-SGD such that release + DP-SGD together reach the target (checked
+        # before anything is released: a target the release alone exceeds is refused)
+        release = [(float(job.warmup_sigma), 1.0, 1)]
+        q = poisson.sample_rate(len(latents), dp.batch_size)
+        steps = dp.planned_steps or poisson.dp_steps(len(latents), dp.batch_size, dp.epochs)
+        sigma = calibrate_sigma(dp.target_epsilon, dp.delta, q, steps, dp.accountant,
+                                prior=list(accountant.history) + release)
+        dp = dataclasses.replace(dp, noise_multiplier=sigma)
+    clip = job.warmup_clip or math.sqrt(latents[0].numel())
+    means = release_class_means(latents, labels, ldm.spec.num_classes, clip,
+                                job.warmup_sigma, accountant)
+    mean_latents, classes = means.means()
+    model = wrap_unet(ldm.unet, lora)
+    losses: list[float] = []
+    if len(classes):
+        losses = warm_up(model, ldm.scheduler, torch.from_numpy(mean_latents),
+                         torch.from_numpy(classes), ldm.spec.null_class,
+                         WarmupConfig(steps=job.warmup_steps, seed=dp.seed))
+    else:  # spent, and recorded; the adapters start from the base model as without it
+        log.warning("warm-up: no class has a noisy count above %.1f (three noise standard "
+                    "deviations at sigma=%g); DP-SGD starts from the base model. Fewer "
+                    "classes, more examples per class or a larger sigma would help",
+                    max(1.0, 3 * means.count_std), job.warmup_sigma)
+    rd.log(stage="warmup", classes=classes.tolist(), sigma=job.warmup_sigma, clip=clip,
+           epsilon=accountant.epsilon(), steps=len(losses),
+           loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
+    return adapter_state(model), dp
+
+
 def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True) -> dict[str, Any]:
     """Run the job; returns a summary (ε, steps, paths)."""
     rd = RunDir(job.run_dir)
@@ -105,12 +169,14 @@ def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True
     ds, accountant, acc_path = open_silo_and_ledger(job, dp, rd, ldm)
     rd.write_config({"job": dataclasses.asdict(job), "lora": dataclasses.asdict(lora),
                      "dp": dataclasses.asdict(dp)}, examples=len(ds), data=ds.source,
-                    base_fingerprint=ldm.card.get("fingerprint"))
+                    image_fit=ds.fitted or None, base_fingerprint=ldm.card.get("fingerprint"))
     grid = dict(per_class=job.per_class, steps=job.sample_steps, guidance=job.guidance,
                 seed=dp.seed)
     class_grid(ldm, rd / "samples_before.png", title="base model", **grid)
     latents, labels = encode_silo(ldm, ds)
-    result = train_lora(ldm, latents, labels, lora, dp, accountant, progress=progress)
+    init, dp = warm_start(job, ldm, latents, labels, lora, dp, accountant, rd)
+    result = train_lora(ldm, latents, labels, lora, dp, accountant, init_adapter=init,
+                        progress=progress)
     for rec in result.history:
         rd.log(**rec)
     # the ledger already holds these steps (committed before training)

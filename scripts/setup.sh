@@ -16,7 +16,7 @@ want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch 2.13.0 and pinned dependencies into .venv ..."
   pip install -q --disable-pip-version-check torch==2.13.0
-  pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+  pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test,dicom]'
   echo "$want" > "$stamp"
 fi
 fm="${DPFL_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"

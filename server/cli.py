@@ -40,6 +40,7 @@ def main(verbose: bool) -> None:
 
 
 def _pretrain_options() -> list[click.Parameter]:
+    from dpfl.shared.data.readers import IMAGE_POLICIES
     from dpfl.shared.ldm.models import PRESETS
     from dpfl.shared.ldm.pretrain import PretrainConfig
 
@@ -67,6 +68,10 @@ def _pretrain_options() -> list[click.Parameter]:
         click.Option(["--checkpoint-every"], type=click.IntRange(min=1),
                      default=cfg("checkpoint_every")),
         click.Option(["--device"], default=cfg("device"), help="auto, cpu or cuda[:N]."),
+        click.Option(["--image-policy"], type=click.Choice(IMAGE_POLICIES),
+                     default=cfg("image_policy"),
+                     help="Images not of the preset's size: refuse them (naming the sizes), "
+                          "resize them, or center-crop a square and resize it."),
         _threads(),
     ]
 

@@ -14,6 +14,14 @@ from typing import Any
 #: diffusers' timestep spacings, which every dpfl sampler (torch and torch-free) accepts
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
+#: how images whose size is not the base model's are fitted to it
+#: (:func:`dpfl.shared.data.readers.fit_to_model`); every ``--image-policy`` choice reads this
+IMAGE_POLICIES = ("refuse", "resize", "center-crop")
+#: refuse: how a site's images are changed is the site's decision, made once with the sizes
+#: in front of it (the refusal names them and the choices); a resize that only a log line
+#: reports would be close to silent, and it changes what the model learns
+DEFAULT_IMAGE_POLICY = "refuse"
+
 #: the one format of dpfl's log lines (the CLIs, the ServerApp, a deployed site's ClientApp)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

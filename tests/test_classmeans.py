@@ -90,10 +90,13 @@ def test_noise_has_the_stated_scale_and_means_come_back(tmp_path):
 
 
 def test_sites_add_up_and_rare_classes_are_left_out():
-    a = ClassMeans(np.ones((3, 2)), np.array([100.0, 5.0, 50.0]), clip=2.0)
-    b = ClassMeans(np.ones((3, 2)), np.array([100.0, 2.0, 50.0]), clip=2.0)
-    means, classes = (a + b).means(min_count=10)
+    a = ClassMeans(np.ones((3, 2)), np.array([100.0, 5.0, 50.0]), clip=2.0, count_std=3.0)
+    b = ClassMeans(np.ones((3, 2)), np.array([100.0, 2.0, 50.0]), clip=2.0, count_std=4.0)
+    both = a + b
+    assert both.count_std == 5.0  # independent noises add in variance
+    means, classes = both.means()  # threshold 3 * 5: the count of 7 is left out
     assert classes.tolist() == [0, 2]
+    assert both.means(min_count=5)[1].tolist() == [0, 1, 2]
     np.testing.assert_allclose(means, [[0.02, 0.02], [0.04, 0.04]])
     with pytest.raises(DataError):
         a + ClassMeans(np.ones((3, 2)), np.ones(3), clip=1.0)
@@ -129,3 +132,22 @@ def test_warm_up_trains_only_the_adapters_and_lowers_the_loss(tiny_ldm):
     with pytest.raises(ConfigError):
         warm_up(model, tiny_ldm.scheduler, means, torch.tensor([1]), tiny_ldm.spec.null_class,
                 WarmupConfig(steps=1))
+
+
+@pytest.mark.parametrize("kind", ["prv", "rdp"])
+@pytest.mark.parametrize("sigma, delta", [(2.0, 1e-3), (4.0, 1e-5), (20.0, 2e-6)])
+def test_the_ledger_never_reports_less_than_the_exact_gaussian_mechanism(kind, sigma, delta):
+    """The release is recorded as one step at q = 1; Opacus' accountants must then state at
+    least the exact epsilon of the Gaussian mechanism (Balle & Wang 2018, analytic form)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    from dpfl.shared.privacy.accountant import epsilon_of
+
+    def delta_at(eps):  # tight delta(eps) of N(0, sigma^2) with sensitivity 1
+        return (norm.cdf(-eps * sigma + 1 / (2 * sigma))
+                - math.exp(eps) * norm.cdf(-eps * sigma - 1 / (2 * sigma)))
+
+    exact = brentq(lambda e: delta_at(e) - delta, 1e-9, 50)
+    stated = epsilon_of([(sigma, 1.0, 1)], delta, kind)
+    assert exact <= stated <= exact * 1.2 + 0.02, (exact, stated)

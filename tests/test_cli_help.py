@@ -54,7 +54,7 @@ def test_edge_sampler_answers_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    assert "--solver {ddim,dpmpp2m}" in capsys.readouterr().out
+    assert "--solver {ddim,dpmpp2m,unipc}" in capsys.readouterr().out
 
 
 def option(main: click.Group, path: str, name: str) -> click.Option:

@@ -65,6 +65,31 @@ def test_train_writes_run_dir_and_ledger_matches(setup, tmp_path):
     _assert_states_the_ledger(run / "adapter" / "privacy.json", run / "accountant.json")
 
 
+def test_warm_up_releases_class_means_first_and_dp_sgd_gets_the_rest(setup, tmp_path):
+    """--warmup-sigma: one Gaussian mechanism (q = 1) in the ledger before any DP-SGD step,
+    DP-SGD's sigma raised so that both together stay within the target over the planned
+    steps, the warm-up in metrics.jsonl, and the guarantee stating the whole ledger."""
+    plain = _train(setup, tmp_path / "plain")
+    # 40 examples over 10 classes: a small sigma, so that counts of ~4 clear the noise
+    out = _train(setup, tmp_path / "warm", "--warmup-sigma", "0.8", "--warmup-steps", "5")
+    ledger = PersistentAccountant.load(tmp_path / "warm" / "accountant.json")
+    (release, dp_sgd) = ledger.history
+    assert release == (0.8, 1.0, 1)
+    assert dp_sgd[0] == out["sigma"] > plain["sigma"]
+    assert dp_sgd[2] == 4  # half of the 8 planned steps
+    # the whole planned run (the other 4 steps too) stays within the target of 8
+    assert 7.5 < ledger.predict_epsilon(dp_sgd[0], dp_sgd[1], 4) <= 8.0
+    metrics = [json.loads(line) for line in
+               (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    (warm,) = [m for m in metrics if m.get("stage") == "warmup"]
+    assert warm["steps"] == 5 and warm["sigma"] == 0.8 and warm["classes"]
+    assert warm["epsilon"] == pytest.approx(
+        PersistentAccountant(tmp_path / "x", kind=ledger.kind, delta=1e-3,
+                             budget=8).predict_epsilon(0.8, 1.0, 1))
+    _assert_states_the_ledger(tmp_path / "warm" / "adapter" / "privacy.json",
+                              tmp_path / "warm" / "accountant.json")
+
+
 def _assert_states_the_ledger(privacy_file, ledger_file):
     """privacy.json is the one schema and states exactly what the ledger holds."""
     from dpfl.shared.privacy.guarantee import PrivacyGuarantee

@@ -31,7 +31,9 @@ def encode_silo(ldm: LatentDiffusion, imageset: ImageSet,
     a class that matches none of the base model's.
     """
     labels = base_labels(ldm, imageset, label_map)
-    x = to_model_tensor(imageset, ldm.spec.image_size, ldm.spec.channels)
+    # images of another size must have been fitted (readers.fit_to_model): never a silent pad
+    x = to_model_tensor(imageset, ldm.spec.image_size, ldm.spec.channels,
+                        source_size=ldm.spec.source_size)
     ldm.vae.requires_grad_(False)
     return ldm.encode(x).float().contiguous(), torch.from_numpy(labels).long()
 

@@ -2,7 +2,8 @@
 
 ``fmnist:public`` / ``fmnist:private`` / ``fmnist:test`` select the standard Fashion-MNIST
 split (optionally ``fmnist:private@SEED``); anything else is a path read by
-:func:`dpfl.shared.data.readers.read_any` (image folder, ``.npz`` or IDX images file).
+:func:`dpfl.shared.data.readers.read_any` (image folder of PNG/JPEG or DICOM files, ``.csv``
+of ``file,label`` rows, ``.npz`` or IDX images file).
 
 The split's seed decides which images are public, so private data must come from the split
 whose public part trained the base model (its model card's ``data``, e.g. ``fmnist:public``
@@ -82,10 +83,15 @@ def model_card(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_source(spec: str, skip_bad: bool = False,
-                base_card: Mapping[str, Any] | None = None) -> ImageSet:
+                base_card: Mapping[str, Any] | None = None, window: str = "voi") -> ImageSet:
     """Read ``spec``; ``base_card``: the card of the base model it will train, which ties
-    ``fmnist:private`` to the base model's split (:func:`tie_split`)."""
+    ``fmnist:private`` to the base model's split (:func:`tie_split`); ``window``: how DICOM
+    grey values are mapped (:func:`dpfl.shared.data.dicom.read_dicom_file`).
+
+    The images come as read: bring them to the base model's size with
+    :func:`dpfl.shared.data.readers.fit_to_model` (the ``--image-policy`` of the commands
+    that train) before encoding them."""
     if spec.startswith(FMNIST):
         part, _ = parse_fmnist(spec)
         return getattr(standard_split(tie_split(spec, base_card)), part)
-    return read_any(spec, skip_bad=skip_bad)
+    return read_any(spec, skip_bad=skip_bad, window=window)

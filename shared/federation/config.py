@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dpfl.shared.defaults import DEFAULT_IMAGE_POLICY, IMAGE_POLICIES
 from dpfl.shared.errors import ConfigError
 
 # ACCOUNTANTS: the privacy accountants a site may choose, listed torch-free (a federation
@@ -277,6 +278,10 @@ class SiteConfig:
         label_map: path of a JSON label map {"silo class": "base class"} for silo classes
             not named exactly after a base class ("": names only; see
             :mod:`dpfl.shared.data.labels`).
+        image_policy: how images not of the base model's size are fitted to it, one of
+            :data:`~dpfl.shared.defaults.IMAGE_POLICIES` (default ``refuse``; see
+            :func:`dpfl.shared.data.readers.fit_to_model`). A site setting: the coordinator
+            never chooses how a site's images are changed.
     """
 
     site_id: str = "site"
@@ -290,9 +295,13 @@ class SiteConfig:
     secure_mode: bool = True
     device: str = "auto"
     label_map: str = ""
+    image_policy: str = DEFAULT_IMAGE_POLICY
 
     def __post_init__(self) -> None:
         where = f"site {self.site_id}"
+        if self.image_policy not in IMAGE_POLICIES:
+            raise ConfigError(f"{where}: image-policy must be one of {list(IMAGE_POLICIES)}, "
+                              f"got {self.image_policy!r}")
         if not self.data:
             raise ConfigError(f"{where}: node config 'data' (path to images) is required")
         if not self.epsilon_budget > 0:

@@ -22,7 +22,13 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from dpfl.shared.data.readers import ImageSet, to_model_tensor
+from dpfl.shared.data.readers import (
+    DEFAULT_IMAGE_POLICY,
+    IMAGE_POLICIES,
+    ImageSet,
+    fit_to_model,
+    to_model_tensor,
+)
 from dpfl.shared.errors import ConfigError, StateError
 from dpfl.shared.io import atomic_write_bytes
 from dpfl.shared.ldm.diffusion import example_losses
@@ -57,6 +63,9 @@ class PretrainConfig:
         checkpoint_every: steps between resumable checkpoints.
         log_every: steps between JSONL metric lines.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+        image_policy: how images not of the preset's size are fitted to it, one of
+            ``IMAGE_POLICIES`` (default ``refuse``;
+            :func:`dpfl.shared.data.readers.fit_to_model`); what it did is in the model card.
     """
 
     preset: str = "fmnist"
@@ -73,10 +82,14 @@ class PretrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     device: str = "auto"
+    image_policy: str = DEFAULT_IMAGE_POLICY
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.image_policy not in IMAGE_POLICIES:
+            raise ConfigError(f"image_policy must be one of {list(IMAGE_POLICIES)}, got "
+                              f"{self.image_policy!r}")
         for name in ("ae_steps", "unet_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -255,7 +268,8 @@ def pretrain(cfg: PretrainConfig, data: ImageSet, run_dir: str | Path,
         raise StateError(f"{ckpt.path} was written with a different configuration; use the "
                          "same options to resume, or a new run directory")
     ldm = build_ldm(cfg.preset, seed=cfg.seed, class_names=data.class_names)
-    x = to_model_tensor(data, ldm.spec.image_size, ldm.spec.channels)
+    data = fit_to_model(data, ldm.spec, cfg.image_policy)
+    x = to_model_tensor(data, ldm.spec.image_size, ldm.spec.channels, ldm.spec.source_size)
     if state.get("stage") in ("ae", "ae_done", "unet"):
         ldm.vae.load_state_dict(state["vae"])
     if state.get("stage") not in ("ae_done", "unet"):
@@ -279,6 +293,7 @@ def pretrain(cfg: PretrainConfig, data: ImageSet, run_dir: str | Path,
     last_ae = [m for m in metrics if m.get("stage") == "ae"][-1:] or [{}]
     save_ldm(ldm, out, card={
         "data": data_description or data.source, "examples": len(data),
+        **({"image_fit": data.fitted} if data.fitted else {}),
         "classes_seen": sorted({int(c) for c in data.labels}),
         "seed": cfg.seed, "ae_steps": cfg.ae_steps, "unet_steps": cfg.unet_steps,
         "metrics": {"ae_rec_l1": last_ae[0].get("rec_l1"),

@@ -44,11 +44,14 @@ class ClassMeans:
             ``clip`` (multiply by ``clip`` for latent units).
         counts: (num_classes,) noisy example counts.
         clip: the clip norm C the latents were clipped to.
+        count_std: standard deviation of the noise on each count (public: it follows from
+            the noise multiplier), which decides which counts are too noisy to divide by.
     """
 
     sums: np.ndarray
     counts: np.ndarray
     clip: float
+    count_std: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sums.shape[0] != self.counts.shape[0] or self.counts.ndim != 1:
@@ -63,11 +66,15 @@ class ClassMeans:
         if self.sums.shape != other.sums.shape or self.clip != other.clip:
             raise DataError(f"cannot add class means of shape {other.sums.shape} (clip "
                             f"{other.clip}) to {self.sums.shape} (clip {self.clip})")
-        return ClassMeans(self.sums + other.sums, self.counts + other.counts, self.clip)
+        return ClassMeans(self.sums + other.sums, self.counts + other.counts, self.clip,
+                          math.hypot(self.count_std, other.count_std))
 
-    def means(self, min_count: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    def means(self, min_count: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(means, classes)``: the mean latent of every class whose noisy count is at least
-        ``min_count`` (a noisy count near 0 would divide noise by noise), and those classes."""
+        ``min_count`` (default: three count-noise standard deviations, and at least 1; a
+        noisy count near 0 would divide noise by noise), and those classes."""
+        if min_count is None:
+            min_count = max(1.0, 3.0 * self.count_std)
         keep = np.flatnonzero(self.counts >= min_count)
         means = self.sums[keep] * self.clip / self.counts[keep].reshape(-1, *[1] * (
             self.sums.ndim - 1))
@@ -113,4 +120,4 @@ def release_class_means(latents: torch.Tensor, labels: torch.Tensor, num_classes
     std = sigma * SENSITIVITY
     sums = sums + secure_noise(std, sums)
     counts = counts + secure_noise(std, counts)
-    return ClassMeans(sums.numpy(), counts.numpy(), float(clip))
+    return ClassMeans(sums.numpy(), counts.numpy(), float(clip), count_std=std)

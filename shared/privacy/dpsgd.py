@@ -309,7 +309,8 @@ def _plan(n: int, dp: DPConfig, accountant: PersistentAccountant) -> tuple[float
 
 
 def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = DEFAULT_ACCOUNTANT) -> float:
+                    accountant: str = DEFAULT_ACCOUNTANT,
+                    prior: list[tuple[float, float, int]] | None = None) -> float:
     """σ so that ``steps`` Poisson-sampled steps at rate q reach at most (ε, δ) under the
     given accountant (:func:`epsilon_of`, the ε the ledger will report): Opacus' search
     (``get_noise_multiplier``: double σ from 20 until ε <= target, then narrow the bracket
@@ -317,11 +318,14 @@ def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, ste
     instead of halving, so that a PRV calibration costs a handful of evaluations. A σ the
     accountant refuses (too small for ``prv``) or a NaN ε counts as too little noise, so
     calibration never runs the accountant out of memory. The σ returned is always one
-    whose ε was computed and found below the target."""
+    whose ε was computed and found below the target. ``prior``: mechanisms the same ledger
+    holds before these steps, (σ, q, steps) each (a class-means release, say): the target
+    is then the ε of all of them together."""
+    before = list(prior or [])
 
     def eps(sigma: float) -> float:
         try:
-            e = epsilon_of([(sigma, sample_rate, steps)], delta, accountant)
+            e = epsilon_of(before + [(sigma, sample_rate, steps)], delta, accountant)
         except ConfigError:
             return math.inf
         return math.inf if math.isnan(e) else e
