@@ -12,11 +12,12 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 stamp=.venv/.dpfl-installed
-want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)"
+extras='test,dicom'
+want="$( (cat pyproject.toml requirements/constraints.txt; echo "$extras") | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing torch 2.13.0 and pinned dependencies into .venv ..."
   pip install -q --disable-pip-version-check torch==2.13.0
-  pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test,dicom]'
+  pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
 fm="${DPFL_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
