@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -384,9 +385,24 @@ class DeltaParam(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+def _site_data_options(site: Callable[[str], Any]) -> list[click.Parameter]:
+    """``join``'s options for how the site's images are read (defaults: SiteConfig's)."""
+    from dpfl.shared.defaults import IMAGE_POLICIES
+
+    return [
+        click.Option(["--label-map"], type=click.Path(dir_okay=False),
+                     default=site("label_map"),
+                     help="JSON {\"silo class\": \"base class\"} for classes not named exactly "
+                          "after a base model class (README 'Data')."),
+        click.Option(["--image-policy"], type=click.Choice(IMAGE_POLICIES),
+                     default=site("image_policy"),
+                     help="Images not of the base model's size: refuse them, resize them, or "
+                          "cut the centre square and resize it."),
+    ]
+
+
 def _join_options() -> list[click.Parameter]:
     from dpfl.client.deploy import SiteNode
-    from dpfl.shared.defaults import IMAGE_POLICIES
     from dpfl.shared.federation.config import ACCOUNTANTS, SiteConfig
     from dpfl.shared.privacy.choices import DEFAULT_ACCOUNTANT
 
@@ -422,14 +438,7 @@ def _join_options() -> list[click.Parameter]:
                           "(on by default for a real site; --no-secure-mode only for "
                           "experiments)."),
         click.Option(["--device"], default=site("device"), help="auto, cpu or cuda[:N]."),
-        click.Option(["--label-map"], type=click.Path(dir_okay=False),
-                     default=site("label_map"),
-                     help="JSON {\"silo class\": \"base class\"} for classes not named exactly "
-                          "after a base model class (README 'Data')."),
-        click.Option(["--image-policy"], type=click.Choice(IMAGE_POLICIES),
-                     default=site("image_policy"),
-                     help="Images not of the base model's size: refuse them, resize them, or "
-                          "cut the centre square and resize it."),
+        *_site_data_options(site),
         click.Option(["--runtime-port"], type=click.IntRange(1, 65535),
                      default=default_of(SiteNode, "runtime_port"),
                      help="Loopback port of the SuperNode's Runtime API (distinct per node)."),

@@ -347,9 +347,8 @@ def fit_to_model(data: ImageSet, spec: LDMSpec, policy: str = DEFAULT_IMAGE_POLI
     * ``center-crop``: the centre square (side: the shorter side) cut out, then scaled to
       ``source_size`` (a square image is only scaled).
 
-    Scaling is bicubic with antialiasing (torch's, which matches Pillow's bicubic resize),
-    on the float values (16-bit precision kept), clipped back to [0, 1]. What was done is
-    logged and kept in the result's :attr:`ImageSet.fitted`, for the run's records.
+    Scaling: bicubic, antialiased (as Pillow's), on the float values, clipped to [0, 1].
+    What was done is logged and kept in :attr:`ImageSet.fitted`, for the run's records.
     """
     if policy not in IMAGE_POLICIES:
         raise ConfigError(f"image policy {policy!r} is not one of {list(IMAGE_POLICIES)}")
@@ -378,14 +377,19 @@ def fit_to_model(data: ImageSet, spec: LDMSpec, policy: str = DEFAULT_IMAGE_POLI
         note = (f"{policy}: {len(data)} image(s) resized from {w}x{h} to {size}x{size}"
                 + (" (aspect ratio not kept)" if h != w else ""))
     if x.shape[-1] != size:
-        x = torch.cat([torch.nn.functional.interpolate(chunk, size=(size, size), mode="bicubic",
-                                                       antialias=True, align_corners=False)
-                       for chunk in x.split(1024)])
+        x = _resize_square(x, size)
         note += " (bicubic, antialiased)"
     log.info("%s: image policy %s", data.source, note)
     images = x.clamp(0, 1).permute(0, 2, 3, 1).contiguous().numpy()
     return ImageSet(images, data.labels, data.class_names, data.source, data.skipped,
                     fitted=note)
+
+
+def _resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, size, size), bicubic with antialiasing, in chunks."""
+    return torch.cat([torch.nn.functional.interpolate(chunk, size=(size, size), mode="bicubic",
+                                                      antialias=True, align_corners=False)
+                      for chunk in x.split(1024)])
 
 
 def to_model_tensor(data: ImageSet, image_size: int, channels: int,

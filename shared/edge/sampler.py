@@ -186,6 +186,56 @@ def _unipc_update(x: np.ndarray, m: list[np.ndarray], lam: list[float], lam_t: f
     return base - a_t * b_h * (corr + rho[-1] * (m_t - m[-1]))
 
 
+def _lam(a: float) -> float:
+    """log-SNR lambda = log(alpha / sigma) at alpha-bar ``a``."""
+    return 0.5 * math.log(a / (1 - a))
+
+
+class _DPMSolverPP:
+    """DPM-Solver++(2M) updates; remembers the last data prediction and step size."""
+
+    def __init__(self) -> None:
+        self.prev_x0: np.ndarray | None = None
+        self.prev_h = 0.0
+
+    def step(self, x: np.ndarray, x0: np.ndarray, a_t: float, a_prev: float,
+             last: bool) -> np.ndarray:
+        if a_prev >= 1.0:  # sigma = 0 at the end: the solution is the data prediction
+            return x0
+        h = _lam(a_prev) - _lam(a_t)
+        d = x0
+        if self.prev_x0 is not None and not last:
+            r = self.prev_h / h
+            d = (1 + 0.5 / r) * x0 - (0.5 / r) * self.prev_x0
+        self.prev_x0, self.prev_h = x0, h
+        return math.sqrt((1 - a_prev) / (1 - a_t)) * x - math.sqrt(a_prev) * math.expm1(-h) * d
+
+
+class _UniPC:
+    """UniPC-bh2 (order 2) updates; remembers the last two data predictions and log-SNRs,
+    the sample the last prediction started from, its alpha-bar and its order."""
+
+    def __init__(self) -> None:
+        self.m: list[np.ndarray] = []
+        self.lam: list[float] = []
+        self.last_x: np.ndarray | None = None
+        self.last_a, self.order = 0.0, 0
+
+    def step(self, x: np.ndarray, x0: np.ndarray, a_t: float, a_prev: float,
+             remaining: int) -> np.ndarray:
+        if self.last_x is not None:  # correct x with the model output just evaluated at it
+            x = _unipc_update(self.last_x, self.m[-self.order:], self.lam[-self.order:],
+                              _lam(a_t), math.sqrt(a_t), math.sqrt(1 - a_t),
+                              math.sqrt(1 - self.last_a), x0)
+        self.m, self.lam = [*self.m[-1:], x0], [*self.lam[-1:], _lam(a_t)]
+        self.order = min(2, remaining, len(self.m))
+        self.last_x, self.last_a = x, a_t
+        if a_prev >= 1.0:
+            return x0
+        return _unipc_update(x, self.m[-self.order:], self.lam[-self.order:], _lam(a_prev),
+                             math.sqrt(a_prev), math.sqrt(1 - a_prev), math.sqrt(1 - a_t), None)
+
+
 def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
           solver: str = "ddim") -> np.ndarray:
     """Integrate from noise ``x`` to clean latents with ``predict(x, t)`` as the model."""
@@ -195,14 +245,8 @@ def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
     pred = sched.get("prediction_type", "epsilon")
     clip = float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample") else None
     x = x.astype(np.float64)
-    prev_x0, prev_h = None, None
     ts = timesteps(sched, steps)
-    # UniPC's history: data predictions and log-SNRs of the last two points, the sample the
-    # last prediction started from and that prediction's order (for the corrector)
-    hist_m: list[np.ndarray] = []
-    hist_lam: list[float] = []
-    last_x: np.ndarray | None = None
-    last_order = 0
+    dpm, uni = _DPMSolverPP(), _UniPC()
     for i, t in enumerate(ts):
         if solver == "ddim":  # diffusers' DDIMScheduler.step, whatever the spacing
             prev_t = int(t) - n // steps
@@ -215,35 +259,10 @@ def solve(predict: Predict, x: np.ndarray, sched: dict[str, Any], steps: int,
             x0 = np.clip(x0, -clip, clip)
         if solver == "ddim":
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-            continue
-        lam_t = 0.5 * math.log(a_t / (1 - a_t))
-        if solver == "unipc":
-            if last_x is not None:  # correct x with the model output just evaluated at it
-                a_s, s_s = math.sqrt(a_t), math.sqrt(1 - a_t)
-                s_0 = math.sqrt(1 - float(acp[ts[i - 1]]))
-                x = _unipc_update(last_x, hist_m[-last_order:], hist_lam[-last_order:],
-                                  lam_t, a_s, s_s, s_0, x0)
-            hist_m, hist_lam = [*hist_m[-1:], x0], [*hist_lam[-1:], lam_t]
-            last_order = min(2, len(ts) - i, len(hist_m))
-            last_x = x
-            if a_prev >= 1.0:
-                x = x0
-                continue
-            x = _unipc_update(x, hist_m[-last_order:], hist_lam[-last_order:],
-                              0.5 * math.log(a_prev / (1 - a_prev)), math.sqrt(a_prev),
-                              math.sqrt(1 - a_prev), math.sqrt(1 - a_t), None)
-            continue
-        if a_prev >= 1.0:  # sigma = 0 at the end: the solution is the data prediction
-            x = x0
-            continue
-        h = 0.5 * math.log(a_prev / (1 - a_prev)) - lam_t
-        d = x0
-        if prev_x0 is not None and prev_h is not None and i < len(ts) - 1:
-            r = prev_h / h
-            d = (1 + 0.5 / r) * x0 - (0.5 / r) * prev_x0
-        x = (math.sqrt((1 - a_prev) / (1 - a_t)) * x
-             - math.sqrt(a_prev) * math.expm1(-h) * d)
-        prev_x0, prev_h = x0, h
+        elif solver == "unipc":
+            x = uni.step(x, x0, a_t, a_prev, remaining=len(ts) - i)
+        else:
+            x = dpm.step(x, x0, a_t, a_prev, last=i == len(ts) - 1)
     return x.astype(np.float32)
 
 
