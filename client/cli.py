@@ -239,12 +239,16 @@ def _train_options() -> list[click.Parameter]:
         click.Option(["--warmup-steps"], type=click.IntRange(min=0),
                      default=default_of(TrainJob, "warmup_steps"),
                      help="Adapter steps on the released means (no privacy cost)."),
+        click.Option(["--ema-decay"], type=click.FloatRange(0, 1, max_open=True),
+                     default=default_of(TrainJob, "ema_decay"),
+                     help="Write the EMA of the DP iterates at this decay (0: the last "
+                          "iterate); post-processing, no privacy cost."),
     ]
 
 
 @main.command(cls=LazyCommand, options=_train_options, context_settings=CTX)
 def train(preset, rank, alpha, dropout, blocks, class_embedding, warmup_sigma, warmup_clip,
-          warmup_steps, **run) -> None:
+          warmup_steps, ema_decay, **run) -> None:
     """DP-LoRA fine-tuning on one local silo (central mode): writes RUN_DIR with the adapter."""
     from dpfl.client.train import run_train
     from dpfl.shared.ldm.lora import LoraSpec
@@ -255,7 +259,7 @@ def train(preset, rank, alpha, dropout, blocks, class_embedding, warmup_sigma, w
                         blocks=tuple(b for b in blocks.split(",") if b) or None)
         job, dp = _job_and_dp(run)
         job = dataclasses.replace(job, warmup_sigma=warmup_sigma, warmup_clip=warmup_clip,
-                                  warmup_steps=warmup_steps)
+                                  warmup_steps=warmup_steps, ema_decay=ema_decay)
         summary = run_train(job, lora, dp, progress=run["progress"])
     except DpflError as exc:
         fail(exc)

@@ -76,6 +76,8 @@ class TrainJob:
         warmup_clip: latent clip norm of the release (0, default: sqrt of the latent size,
             the norm of a typical normalised latent).
         warmup_steps: adapter training steps on the means (post-processing, no budget).
+        ema_decay: the adapter written is the EMA of the DP iterates at this decay (0,
+            default: the last iterate; :func:`dpfl.shared.privacy.dpsgd.train_lora`).
     """
 
     data: str
@@ -92,12 +94,15 @@ class TrainJob:
     warmup_sigma: float = 0.0
     warmup_clip: float = 0.0
     warmup_steps: int = 200
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.limit < 0 or self.sample_steps < 1 or self.per_class < 1 or self.guidance < 0:
             raise ConfigError("limit must be >= 0, sample_steps and per_class >= 1, guidance >= 0")
         if not (self.warmup_sigma >= 0 and self.warmup_clip >= 0 and self.warmup_steps >= 0):
             raise ConfigError("warmup_sigma, warmup_clip and warmup_steps must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.image_policy not in IMAGE_POLICIES:
             raise ConfigError(f"image_policy must be one of {list(IMAGE_POLICIES)}, got "
                               f"{self.image_policy!r}")
@@ -176,7 +181,7 @@ def run_train(job: TrainJob, lora: LoraSpec, dp: DPConfig, progress: bool = True
     latents, labels = encode_silo(ldm, ds)
     init, dp = warm_start(job, ldm, latents, labels, lora, dp, accountant, rd)
     result = train_lora(ldm, latents, labels, lora, dp, accountant, init_adapter=init,
-                        progress=progress)
+                        progress=progress, ema_decay=job.ema_decay)
     for rec in result.history:
         rd.log(**rec)
     # the ledger already holds these steps (committed before training)

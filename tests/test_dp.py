@@ -198,6 +198,43 @@ def test_train_lora_changes_only_adapters_and_base_is_bit_identical(tiny_ldm, tm
     assert all(torch.isfinite(v).all() for v in res.adapter.values())
 
 
+def test_ema_of_the_dp_iterates_is_what_train_lora_returns(tiny_ldm, tmp_path, monkeypatch):
+    """ema_decay > 0: the adapter returned is diffusers' EMA of the DP iterates (fed here,
+    independently, with the iterates recorded after every step), not the last iterate."""
+    from diffusers.training_utils import EMAModel
+
+    seen: list[list[torch.Tensor]] = []
+
+    class Recording(EMAModel):
+        def __init__(self, parameters, **kw):
+            parameters = list(parameters)
+            seen.append([p.detach().clone() for p in parameters])  # the start
+            super().__init__(parameters, **kw)
+
+        def step(self, parameters):
+            parameters = list(parameters)
+            seen.append([p.detach().clone() for p in parameters])
+            super().step(parameters)
+
+    monkeypatch.setattr(dpmod, "EMAModel", Recording)
+    z, y = _batch(24)
+    acc = PersistentAccountant.open(tmp_path / "acc.json", delta=1e-3, budget=50)
+    dp = DPConfig(noise_multiplier=0.5, delta=1e-3, batch_size=8, max_physical_batch=4,
+                  noise_multiplicity=2, lr=1e-2, epochs=2, device="cpu")
+    res = train_lora(tiny_ldm, z, y, LoraSpec(rank=2), dp, acc, progress=False, ema_decay=0.8)
+    assert len(seen) == 1 + res.steps == 7
+    params = [torch.nn.Parameter(t.clone()) for t in seen[0]]
+    reference = EMAModel(params, decay=0.8, use_ema_warmup=True)
+    for iterate in seen[1:]:
+        reference.step([torch.nn.Parameter(t) for t in iterate])
+    returned = [p for p in res.model.parameters() if p.requires_grad]
+    for got, want in zip(returned, reference.shadow_params):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-6)
+    assert any(not torch.allclose(p.detach(), last) for p, last in zip(returned, seen[-1]))
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train_lora(tiny_ldm, z, y, LoraSpec(rank=2), dp, acc, progress=False, ema_decay=1.0)
+
+
 def test_config_validation():
     with pytest.raises(ConfigError):
         DPConfig(target_epsilon=-1)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.training_utils import EMAModel
 from opacus import PrivacyEngine
 from opacus.accountants.utils import MAX_SIGMA
 from opacus.optimizers import DPOptimizer
@@ -213,18 +214,30 @@ class TrainResult(DPRunStats):
 def train_lora(ldm: LatentDiffusion, latents: torch.Tensor, labels: torch.Tensor, lora: LoraSpec,
                dp: DPConfig, accountant: PersistentAccountant,
                init_adapter: dict[str, torch.Tensor] | None = None,
-               progress: bool = True) -> TrainResult:
+               progress: bool = True, ema_decay: float = 0.0) -> TrainResult:
     """DP-SGD on LoRA adapters of (a copy of) ``ldm.unet``; ``ldm`` itself is not modified.
 
     ``latents``/``labels`` come from :func:`dpfl.shared.data.encode.encode_silo`. Commits
     the call's steps to ``accountant`` (durably) before training; raises
     :class:`~dpfl.shared.errors.BudgetExhausted` if they would exceed its budget.
+    ``ema_decay`` > 0: the adapters returned are the exponential moving average of the DP
+    iterates (diffusers' ``EMAModel`` with warm-up; averaging DP iterates is post-processing
+    and costs no privacy; DPDM samples from an EMA too). 0 (default): the last iterate.
     """
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) \
+            or not 0 <= ema_decay < 1:
+        raise ConfigError(f"ema_decay must be a number in [0, 1) (0 disables the EMA), got "
+                          f"{ema_decay!r}")
     check_silo(latents, labels, dp)
     model = wrap_unet(ldm.unet, lora).to(resolve_device(dp.device))
     if init_adapter is not None:
         load_adapter_state(model, init_adapter)
-    stats = dp_sgd(ldm, model, latents, labels, dp, accountant, progress, "DP-LoRA")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(trainable, decay=ema_decay, use_ema_warmup=True) if ema_decay > 0 else None
+    after_step = (lambda: ema.step(trainable)) if ema is not None else None
+    stats = dp_sgd(ldm, model, latents, labels, dp, accountant, progress, "DP-LoRA", after_step)
+    if ema is not None:
+        ema.copy_to(trainable)
     model.to("cpu")
     return TrainResult(adapter=adapter_state(model), model=model, **stats)
 
