@@ -30,11 +30,10 @@ from safetensors.torch import save as save_tensors
 
 from dpfl.shared.data.encode import encode_silo
 from dpfl.shared.data.labels import read_label_map
-from dpfl.shared.data.readers import DEFAULT_IMAGE_POLICY, IMAGE_POLICIES, fit_to_model
+from dpfl.shared.data.readers import DEFAULT_IMAGE_POLICY, fit_to_model
 from dpfl.shared.data.sources import load_source
 from dpfl.shared.errors import (
     BudgetExhausted,
-    ConfigError,
     DataError,
     IncompatibleAdapter,
     ModelError,
@@ -115,19 +114,14 @@ class Site:
     ``round_tag`` names the round being served (the ClientApp sets it from each training
     message); it only labels the site's log lines and its :data:`ROUNDS_LOG` records.
 
-    ``image_policy``: how the site's images are fitted to the base model's size
-    (:func:`dpfl.shared.data.readers.fit_to_model`), a site setting never taken from the
-    coordinator: the node config's ``image-policy`` (``SiteConfig.image_policy``) unless
-    given here.
+    How the site's images are fitted to the base model's size is ``cfg.image_policy`` (the
+    node config's ``image-policy``, validated by :class:`SiteConfig`), a site setting never
+    taken from the coordinator.
     """
 
-    def __init__(self, cfg: SiteConfig, image_policy: str | None = None):
-        image_policy = image_policy or cfg.image_policy
-        if image_policy not in IMAGE_POLICIES:
-            raise ConfigError(f"site {cfg.site_id}: image policy must be one of "
-                              f"{list(IMAGE_POLICIES)}, got {image_policy!r}")
+    def __init__(self, cfg: SiteConfig):
         self.cfg = cfg
-        self.image_policy = image_policy
+        self.image_policy = cfg.image_policy
         self.state_dir = ensure_dir(cfg.state_dir, f"state directory of site {cfg.site_id}")
         self._ldm: LatentDiffusion | None = None
         self._silo: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -158,8 +158,9 @@ def warm_start(job: TrainJob, ldm: LatentDiffusion, latents: torch.Tensor,
                          WarmupConfig(steps=job.warmup_steps, seed=dp.seed))
     else:  # spent, and recorded; the adapters start from the base model as without it
         log.warning("warm-up: no class has a noisy count above %.1f (three noise standard "
-                    "deviations at sigma=%g); DP-SGD starts from the base model. Fewer "
-                    "classes, more examples per class or a larger sigma would help",
+                    "deviations at sigma=%g); DP-SGD starts from the base model. More "
+                    "examples per class or a smaller sigma (a larger share of the budget) "
+                    "would let counts clear the noise",
                     max(1.0, 3 * means.count_std), job.warmup_sigma)
     rd.log(stage="warmup", classes=classes.tolist(), sigma=job.warmup_sigma, clip=clip,
            epsilon=accountant.epsilon(), steps=len(losses),

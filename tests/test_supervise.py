@@ -18,19 +18,26 @@ def _proc(code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+def _restarts(monkeypatch, code: str) -> list[subprocess.Popen]:
+    """Make ``serve``'s SuperExec restarts start ``code``; returns the list they land in."""
+    started: list[subprocess.Popen] = []
+
+    def restart(_coord):
+        started.append(_proc(code))
+        return started[-1]
+
+    monkeypatch.setattr(deploy, "start_superexec", restart)
+    return started
+
+
 @pytest.fixture()
 def coord(tmp_path):
     return Coordinator(pki=tmp_path / "pki", state_dir=tmp_path / "state")
 
 
 def test_a_dead_superexec_is_restarted_and_the_link_still_decides(coord, monkeypatch, caplog):
-    started = []
-
-    def restart(_coord):  # the new SuperExec lives; the SuperLink then exits with 7
-        started.append(_proc("import time; time.sleep(30)"))
-        return started[-1]
-
-    monkeypatch.setattr(deploy, "start_superexec", restart)
+    # the new SuperExec lives; the SuperLink then exits with 7
+    started = _restarts(monkeypatch, "import time; time.sleep(30)")
     link = _proc("import time; time.sleep(2); raise SystemExit(7)")
     procs = [link, _proc("raise SystemExit(1)"), _proc("import time; time.sleep(30)")]
     try:
@@ -46,13 +53,7 @@ def test_a_dead_superexec_is_restarted_and_the_link_still_decides(coord, monkeyp
 
 def test_a_superexec_that_keeps_dying_stops_serve_naming_its_log(coord, monkeypatch,
                                                                    caplog):
-    started = []
-
-    def restart(_coord):
-        started.append(_proc("raise SystemExit(3)"))
-        return started[-1]
-
-    monkeypatch.setattr(deploy, "start_superexec", restart)
+    started = _restarts(monkeypatch, "raise SystemExit(3)")
     procs = [_proc("import time; time.sleep(60)"), _proc("raise SystemExit(3)"),
              _proc("import time; time.sleep(60)")]
     try:
